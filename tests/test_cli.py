@@ -1,0 +1,109 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cifar10_deepspeed import check_args, get_ds_config, main
+
+
+def reason(parse, *argv, world_size=1):
+    args = parse(*argv)
+    return check_args(args, get_ds_config(args), world_size)
+
+
+def test_reference_defaults(parse):
+    args = parse()
+    assert (args.epochs, args.local_rank, args.log_interval) == (30, -1, 2000)
+    assert (args.moe, args.ep_world_size, args.num_experts, args.mlp_type) == (False, 1, [1], "standard")
+    assert (args.top_k, args.min_capacity, args.noisy_gate_policy, args.moe_param_group) == (1, 0, None, False)
+    assert (args.dataset, args.data_dir, args.synthetic_train_size, args.synthetic_test_size) == (
+        "cifar10", "./data", 5000, 1000)
+    config = get_ds_config(args)
+    assert config["fp16"]["enabled"] and config["zero_optimization"]["stage"] == 0
+
+
+def test_reference_flags_parse(parse):
+    args = parse("-e", "3", "--log-interval", "100", "--dtype", "bf16", "--stage", "2", "--moe",
+                 "--ep-world-size", "2", "--num-experts", "2", "4", "--mlp-type", "residual", "--top-k", "2",
+                 "--min-capacity", "4", "--noisy-gate-policy", "Jitter", "--moe-param-group", "--deepspeed")
+    assert (args.epochs, args.log_interval, args.dtype, args.stage) == (3, 100, "bf16", 2)
+    assert (args.ep_world_size, args.num_experts, args.mlp_type, args.top_k) == (2, [2, 4], "residual", 2)
+    assert (args.min_capacity, args.noisy_gate_policy, args.moe_param_group, args.deepspeed) == (4, "Jitter", True, True)
+    assert parse("--noisy-gate-policy", "None").noisy_gate_policy is None
+
+
+@pytest.mark.parametrize("argv, world_size", [
+    (["--moe", "--stage", "1"], 1),
+    (["--moe", "--stage", "2", "--ep-world-size", "2", "--num-experts", "2", "4"], 2),
+    (["--moe", "--ep-world-size", "2", "--num-experts", "2"], 4),
+    (["--moe", "--top-k", "2", "--noisy-gate-policy", "Jitter"], 1),
+    (["--moe", "--top-k", "1", "--noisy-gate-policy", "RSample"], 1),
+    (["--stage", "3"], 2),
+])
+def test_valid_mixes_pass(parse, argv, world_size):
+    assert reason(parse, *argv, world_size=world_size) is None
+
+
+@pytest.mark.parametrize("argv, world_size, expected", [
+    (["--moe", "--stage", "3"], 1,
+     "--moe does not work with ZeRO stage 3: DeepSpeed's MoE supports stages 0, 1 and 2"),
+    (["--moe", "--ep-world-size", "2", "--num-experts", "3"], 2,
+     "--num-experts 3 is not a positive multiple of --ep-world-size 2"),
+    (["--moe", "--ep-world-size", "2", "--num-experts", "2", "3"], 2,
+     "--num-experts 3 is not a positive multiple of --ep-world-size 2"),
+    (["--moe", "--ep-world-size", "2", "--num-experts", "2"], 3,
+     "the world size 3 is not divisible by --ep-world-size 2: launch a multiple of 2 ranks"),
+    (["--moe", "--ep-world-size", "2", "--num-experts", "2"], 1,
+     "the world size 1 is not divisible by --ep-world-size 2: launch a multiple of 2 ranks"),
+    (["--moe", "--ep-world-size", "0"], 1, "--ep-world-size must be at least 1, got 0"),
+    (["--moe", "--num-experts", "0"], 1, "--num-experts 0 is not a positive multiple of --ep-world-size 1"),
+    (["--moe", "--top-k", "2", "--noisy-gate-policy", "RSample"], 1,
+     "--noisy-gate-policy RSample works with --top-k 1 only (DeepSpeed ignores it for top-2); use Jitter"),
+    (["--log-interval", "0"], 1, "--log-interval must be at least 1, got 0"),
+    (["--synthetic-test-size", "0"], 1, "--synthetic-train-size and --synthetic-test-size must be at least 1"),
+])
+def test_bad_mixes_are_rejected_with_the_reason(parse, argv, world_size, expected):
+    assert reason(parse, *argv, world_size=world_size) == expected
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--top-k", "3"], "argument --top-k: invalid choice: 3 (choose from 1, 2)"),
+    (["--mlp-type", "dense"], "argument --mlp-type: invalid choice: 'dense' (choose from 'standard', 'residual')"),
+    (["--noisy-gate-policy", "Gumbel"],
+     "argument --noisy-gate-policy: invalid choice: 'Gumbel' (choose from 'None', 'RSample', 'Jitter')"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from 'bf16', 'fp16', 'fp32')"),
+    (["--stage", "4"], "argument --stage: invalid choice: 4 (choose from 0, 1, 2, 3)"),
+])
+def test_unknown_choices_exit_2_with_one_line(parse, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"cifar10_deepspeed.py: error: {expected}\n"
+
+
+def test_main_rejects_before_any_distributed_work(parse, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(parse("--moe", "--stage", "2", "--ep-world-size", "2", "--num-experts", "3"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "cifar10_deepspeed.py: error: --num-experts 3 is not a positive multiple of --ep-world-size 2\n")
+
+
+def test_every_rank_exits_2_on_its_own(script, tmp_path):
+    """Two ranks of a 2-rank job, no launcher to kill them: each stops by itself, none waits for its peer."""
+    env_of = lambda rank: {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "PATH": ""}
+    start = time.monotonic()
+    ranks = [subprocess.Popen([sys.executable, str(script), "--deepspeed", "--moe", "--stage", "3"],
+                              cwd=tmp_path, env=env_of(rank), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert time.monotonic() - start < 120
+    for rank, (_, err) in zip(ranks, outputs):
+        assert rank.returncode == 2
+        assert err.splitlines()[-1] == (
+            "cifar10_deepspeed.py: error: --moe does not work with ZeRO stage 3: "
+            "DeepSpeed's MoE supports stages 0, 1 and 2")

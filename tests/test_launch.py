@@ -1,0 +1,74 @@
+"""End-to-end runs, launched as a user launches them, on the offline synthetic data."""
+
+import shutil
+import time
+
+import pytest
+
+SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
+FP16_NOTE = ("note: DeepSpeed finds no native fp16 support on this cpu; "
+             "running fp16 as PyTorch emulates it (slower than --dtype bf16 or fp32)")
+
+
+def test_dense_fp32_one_rank_reaches_50_percent_in_3_epochs(launch, root):
+    run = launch(root / "run_ds.sh", *SYNTHETIC, "--dtype", "fp32", "-e", "3", env={"NUM_GPUS": "1"})
+    run.assert_trained(min_accuracy=50)
+    assert run.output.count("[3,   300] loss:") == 1  # rank 0 prints, once per interval
+
+
+def test_moe_ep2_as_run_ds_moe_runs_it(launch, root):
+    run = launch(root / "run_ds_moe.sh", *SYNTHETIC, "-e", "3")
+    run.assert_trained(min_accuracy=30)
+    assert "--ep-world-size 2 --num-experts 2 --top-k 1 --noisy-gate-policy RSample --moe-param-group" in run.output
+    if shutil.which("numactl"):
+        assert "'numactl', '-m', '0', '-C', '1'" in run.output  # ranks bound to their own cores
+
+
+def test_pr_moe_two_ranks_without_core_binding(launch, root):
+    run = launch(root / "run_ds_prmoe.sh", *SYNTHETIC, "--dtype", "fp32", "-e", "3", env={"BIND_CORES": "0"})
+    run.assert_trained(min_accuracy=30)
+    assert "--num-experts 2 4 --top-k 1 --noisy-gate-policy RSample --moe-param-group --mlp-type residual" in run.output
+    assert ("run_ds.sh: core binding off (BIND_CORES=0); each rank sizes its thread pool to its share of the cores"
+            in run.output.splitlines())
+    assert "numactl" not in run.output
+
+
+@pytest.mark.parametrize("param_group", [["--moe-param-group"], []], ids=["with-param-group", "without"])
+def test_moe_ep2_with_zero_2(launch, script, param_group):
+    run = launch("deepspeed", "--num_gpus", "2", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "3",
+                 "--moe", "--ep-world-size", "2", "--num-experts", "2", "--stage", "2", *param_group)
+    run.assert_trained(min_accuracy=30)
+
+
+def test_bf16_one_rank_from_the_config_file(launch, script, root):
+    config = root / "ds_config.json"
+    run = launch("deepspeed", "--num_gpus", "1", script, "--deepspeed", "--deepspeed_config", config, "--dtype",
+                 "bf16", *SYNTHETIC, "-e", "3")
+    run.assert_trained(min_accuracy=50)
+    assert f"Using {config}: dtype bf16, ZeRO stage 0 (--dtype bf16 overrides its fp16)" in run.output.splitlines()
+
+
+def test_plain_python_runs_one_rank_with_the_default_fp16(launch, script):
+    run = launch("python", script, "--deepspeed", *SYNTHETIC, "-e", "3", "--synthetic-test-size", "203")
+    run.assert_trained(min_accuracy=50)
+    assert FP16_NOTE in run.output.splitlines()
+    assert "Accuracy of the network on the 203 test images:" in run.output
+
+
+def test_torchrun_two_ranks_with_zero_3(launch, script):
+    run = launch("torchrun", "--nproc_per_node", "2", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32",
+                 "--stage", "3", "-e", "3")
+    run.assert_trained(min_accuracy=50)
+
+
+def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root, tmp_path):
+    start = time.monotonic()
+    run = launch(root / "run_ds.sh", "--data-dir", tmp_path / "nowhere", env={"NUM_GPUS": "2", "BIND_CORES": "0"})
+    assert time.monotonic() - start < 60
+    assert run.returncode != 0
+    errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: CIFAR-10 is not in {tmp_path / 'nowhere'} and could not be downloaded (")
+    assert errors[0].endswith(f"Place cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) "
+                              f"in {tmp_path / 'nowhere'}, or train offline on generated data with --dataset synthetic.")
+    assert "Traceback" not in run.output
