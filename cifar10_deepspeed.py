@@ -24,9 +24,10 @@ import torchvision.transforms as transforms
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from PIL import Image
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.half, "fp32": None}
+DTYPES = ("bf16", "fp16", "fp32")
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -46,7 +47,7 @@ def build_parser():
     parser.add_argument("--local_rank", type=int, default=-1, help="local rank passed from distributed launcher")
     parser.add_argument("--log-interval", type=int, default=2000,
                         help="print the running loss every N mini-batches (default: 2000)")
-    parser.add_argument("--dtype", default=None, type=str, choices=list(DTYPES),
+    parser.add_argument("--dtype", default=None, type=str, choices=DTYPES,
                         help="data type: bf16, fp16 or fp32 (default: fp16; with --deepspeed_config, the file's)")
     parser.add_argument("--stage", default=None, type=int, choices=[0, 1, 2, 3],
                         help="ZeRO stage: 0, 1, 2 or 3 (default: 0; with --deepspeed_config, the file's)")
@@ -266,8 +267,6 @@ class SyntheticCIFAR10(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         image = Image.fromarray(self.data[index])
         return (self.transform(image) if self.transform else image), self.targets[index]
 
