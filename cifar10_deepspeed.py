@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import deepspeed
 import deepspeed.comm as dist
@@ -74,7 +75,27 @@ def build_parser():
     parser.add_argument("--synthetic-train-size", default=5000, type=int, help="synthetic training images (default: 5000)")
     parser.add_argument("--synthetic-test-size", default=1000, type=int, help="synthetic test images (default: 1000)")
     parser.add_argument("--seed", default=None, type=int,
-                        help="seed for model init and gate noise; each rank adds its rank (default: unseeded)")
+                        help="seed for model init, gate noise and data order; each rank adds its rank to the "
+                             "model and noise seed (default: unseeded, data order seed 0)")
+
+    # MoE levers: beyond the reference, whose behaviour their defaults keep.
+    parser.add_argument("--moe-aux-loss-coef", default=0.0, type=float,
+                        help="add C times the MoE layers' gate aux (load-balancing) loss to the loss (default: 0)")
+    parser.add_argument("--capacity-factor", default=1.0, type=float,
+                        help="expert capacity in training, as a multiple of tokens / experts (default: 1.0)")
+    parser.add_argument("--eval-capacity-factor", default=1.0, type=float,
+                        help="expert capacity in evaluation (default: 1.0)")
+    parser.add_argument("--drop-tokens", default=True, action=argparse.BooleanOptionalAction,
+                        help="drop the tokens past an expert's capacity (default: drop)")
+
+    # Checkpoints, evaluation and metrics: beyond the reference.
+    parser.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint here at the end of every epoch")
+    parser.add_argument("--resume", default=False, action="store_true",
+                        help="continue from the newest checkpoint in --save-dir")
+    parser.add_argument("--eval-every", default=0, type=int,
+                        help="evaluate every N epochs (default: 0, only at the end)")
+    parser.add_argument("--metrics-dir", default=None,
+                        help="write metrics as CSV files here with DeepSpeed's CSV monitor (plot: plot_metrics.py)")
 
     return deepspeed.add_config_arguments(parser)
 
@@ -172,6 +193,14 @@ def check_args(args, config, world_size):
         return f"--epochs must not be negative, got {args.epochs}"
     if args.synthetic_train_size < 1 or args.synthetic_test_size < 1:
         return "--synthetic-train-size and --synthetic-test-size must be at least 1"
+    if args.resume and not args.save_dir:
+        return "--resume needs --save-dir, the directory to resume from"
+    if args.eval_every < 0:
+        return f"--eval-every must not be negative, got {args.eval_every}"
+    if args.capacity_factor <= 0 or args.eval_capacity_factor <= 0:
+        return "--capacity-factor and --eval-capacity-factor must be positive"
+    if args.moe_aux_loss_coef < 0:
+        return f"--moe-aux-loss-coef must not be negative, got {args.moe_aux_loss_coef}"
     if config.get("fp16", {}).get("enabled") and config.get("bf16", config.get("bfloat16", {})).get("enabled"):
         return "the DeepSpeed config enables both fp16 and bf16; enable one"
     if not args.moe:
@@ -192,7 +221,11 @@ def check_args(args, config, world_size):
 
 
 class Net(nn.Module):
-    """LeNet-style CNN; with --moe its last hidden layer feeds one DeepSpeed MoE layer per --num-experts entry."""
+    """LeNet-style CNN; with --moe its last hidden layer feeds one DeepSpeed MoE layer per --num-experts entry.
+
+    After each forward pass, `aux_losses` and `expert_counts` hold every MoE
+    layer's gate aux loss and the number of tokens routed to each expert.
+    """
 
     def __init__(self, args):
         super().__init__()
@@ -211,8 +244,12 @@ class Net(nn.Module):
                     use_residual=args.mlp_type == "residual",
                     k=args.top_k,
                     min_capacity=args.min_capacity,
-                    noisy_gate_policy=args.noisy_gate_policy) for n in args.num_experts
+                    noisy_gate_policy=args.noisy_gate_policy,
+                    capacity_factor=args.capacity_factor,
+                    eval_capacity_factor=args.eval_capacity_factor,
+                    drop_tokens=args.drop_tokens) for n in args.num_experts
             ])
+            self.aux_losses, self.expert_counts = [], []
             self.fc4 = nn.Linear(84, 10)
         else:
             self.fc3 = nn.Linear(84, 10)
@@ -225,8 +262,11 @@ class Net(nn.Module):
         x = F.relu(self.fc2(x))
         if not self.moe:
             return self.fc3(x)
+        self.aux_losses, self.expert_counts = [], []
         for layer in self.moe_layers:
-            x, _, _ = layer(x)  # output, gate aux loss, expert counts
+            x, aux_loss, expert_counts = layer(x)
+            self.aux_losses.append(aux_loss)
+            self.expert_counts.append(expert_counts)
         return self.fc4(x)
 
 
@@ -280,6 +320,17 @@ def load_datasets(args, download):
             torchvision.datasets.CIFAR10(root=args.data_dir, train=False, download=download, transform=transform))
 
 
+def stop(message, every_rank=False):
+    """End this rank with a one-line error and exit status 1.
+
+    The line is printed once per node, for errors every rank meets; with
+    every_rank, by this rank, for errors that may be its own.
+    """
+    if every_rank or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def load_data_rank_zero_first(args):
     """Rank 0 loads (and downloads) first while the others wait; a failure stops every rank."""
     rank = dist.get_rank()
@@ -290,26 +341,27 @@ def load_data_rank_zero_first(args):
         try:
             datasets = load_datasets(args, download=True)
         except (OSError, RuntimeError) as e:
-            error[0] = (f"error: CIFAR-10 is not in {args.data_dir} and could not be downloaded ({e}). "
+            error[0] = (f"CIFAR-10 is not in {args.data_dir} and could not be downloaded ({e}). "
                         f"Place {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) in {args.data_dir}, "
                         f"or train offline on generated data with --dataset synthetic.")
         dist.barrier()
     dist.broadcast_object_list(error, src=0)
     if error[0]:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            print(error[0], file=sys.stderr, flush=True)
-        sys.exit(1)
+        stop(error[0])
     if rank != 0:
         datasets = load_datasets(args, download=False)
     return datasets
 
 
-def test(model_engine, testset, local_device, target_dtype, test_batch_size=4):
-    """Overall and per-class accuracy on the test set, printed by rank 0.
+def count_correct(model_engine, testset, local_device, target_dtype, test_batch_size=4, shard=False):
+    """Correct predictions and test images per class, summed over ranks.
 
-    Every rank runs the whole test set: expert-parallel MoE layers exchange
-    tokens between ranks, so all ranks must run every forward pass.
+    With shard, each rank evaluates every world_size-th image. Without, every
+    rank runs the whole test set, as expert-parallel MoE and ZeRO-3 need: their
+    forward pass exchanges data between ranks, so all ranks must run every batch.
     """
+    if shard:
+        testset = torch.utils.data.Subset(testset, range(dist.get_rank(), len(testset), dist.get_world_size()))
     testloader = torch.utils.data.DataLoader(testset, batch_size=test_batch_size, shuffle=False)
     class_correct = torch.zeros(len(CLASSES), dtype=torch.long, device=local_device)
     class_total = torch.zeros(len(CLASSES), dtype=torch.long, device=local_device)
@@ -323,7 +375,16 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4):
             class_total += torch.bincount(labels, minlength=len(CLASSES))
             class_correct += torch.bincount(labels[predicted == labels], minlength=len(CLASSES))
     model_engine.train()
-    class_correct, class_total = class_correct.tolist(), class_total.tolist()
+    if shard:
+        dist.all_reduce(class_correct)
+        dist.all_reduce(class_total)
+    return class_correct.tolist(), class_total.tolist()
+
+
+def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, shard=False):
+    """Overall and per-class accuracy on the test set, printed by rank 0 as the reference prints it."""
+    class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
+                                               test_batch_size, shard)
     if dist.get_rank() == 0:
         total = sum(class_total)
         print(f"Accuracy of the network on the {total} test images: {100 * sum(class_correct) // total} %")
@@ -335,25 +396,179 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4):
     return sum(class_correct) / sum(class_total)
 
 
-def train(model_engine, trainloader, epochs, log_interval, local_device, target_dtype):
-    """The reference's loop; rank 0 prints the mean loss of every log_interval mini-batches."""
+class ExpertLoad:
+    """Tokens routed to each expert, and the gate aux loss, of every MoE layer over one log interval."""
+
+    def __init__(self, net, device):
+        self.counts = [torch.zeros(layer.num_experts, device=device) for layer in net.moe_layers]
+        self.aux_losses = torch.zeros(len(net.moe_layers), device=device)
+        self.steps = 0
+
+    def add(self, net):
+        for total, counts in zip(self.counts, net.expert_counts):
+            total += counts
+        self.aux_losses += torch.stack([aux.detach().float() for aux in net.aux_losses])
+        self.steps += 1
+
+    def summarize(self):
+        """Each layer's share of tokens per expert and mean aux loss, over all ranks; every rank must call it."""
+        totals = torch.cat(self.counts + [self.aux_losses])
+        dist.all_reduce(totals)
+        counts = totals[:-len(self.aux_losses)].split([len(c) for c in self.counts])
+        shares = [(c / c.sum().clamp(min=1)).tolist() for c in counts]
+        aux_losses = (totals[-len(self.aux_losses):] / (self.steps * dist.get_world_size())).tolist()
+        for total in self.counts + [self.aux_losses]:
+            total.zero_()
+        self.steps = 0
+        return shares, aux_losses
+
+
+def write_step_losses(model_engine, step_losses):
+    """Write each step's loss to the monitor as Train/Samples/train_loss, empty the list, return the losses.
+
+    One host read per log interval instead of one per step.
+    """
+    samples = [s for s, _ in step_losses]
+    losses = torch.stack([loss for _, loss in step_losses]).tolist()
+    model_engine.monitor.write_events([("Train/Samples/train_loss", loss, s) for s, loss in zip(samples, losses)])
+    step_losses.clear()
+    return losses
+
+
+def log_progress(model_engine, epoch, step, mean_loss, seconds, steps_per_epoch, log_interval, expert_load):
+    """Rank 0 prints the reference's loss line, then throughput and expert load; metrics go to the monitor."""
+    prefix = f"[{epoch + 1}, {step + 1:5d}]"
+    samples_per_sec = log_interval * model_engine.train_batch_size() / seconds
+    events = [("Train/Samples/samples_per_sec", samples_per_sec, model_engine.global_samples)]
+    lines = [f"{prefix} loss: {mean_loss:.3f}",
+             f"{prefix} {samples_per_sec:.0f} samples/s, {seconds / log_interval * steps_per_epoch:.1f} s/epoch"]
+    if expert_load:
+        shares, aux_losses = expert_load.summarize()
+        layers = []
+        for layer, (layer_shares, aux_loss) in enumerate(zip(shares, aux_losses)):
+            layers.append(f"layer {layer}: {' '.join(f'{100 * x:.0f}%' for x in layer_shares)}, aux loss {aux_loss:.3f}")
+            events += [(f"MoE/layer{layer}_expert{e}_share", x, model_engine.global_samples)
+                       for e, x in enumerate(layer_shares)]
+            events.append((f"MoE/layer{layer}_aux_loss", aux_loss, model_engine.global_samples))
+        lines.append(f"{prefix} expert load: {' | '.join(layers)}")
+    if dist.get_rank() == 0:
+        print("\n".join(lines), flush=True)
+    model_engine.monitor.write_events(events)
+
+
+def run_description(args, model_engine):
+    """What a checkpoint must match to be resumed: the model's shape, world size, precision and ZeRO stage."""
+    dtype = "bf16" if model_engine.bfloat16_enabled() else "fp16" if model_engine.fp16_enabled() else "fp32"
+    return {"moe": args.moe, "num_experts": args.num_experts if args.moe else None,
+            "mlp_type": args.mlp_type if args.moe else None, "ep_world_size": args.ep_world_size if args.moe else None,
+            "world_size": dist.get_world_size(), "dtype": dtype, "zero_stage": model_engine.zero_optimization_stage()}
+
+
+def save_checkpoint(model_engine, args, epoch):
+    """Save the finished epoch with DeepSpeed's save_checkpoint under the tag epoch<N>.
+
+    run.json is written first and DeepSpeed's 'latest' file last, so 'latest'
+    always names a complete checkpoint that says which run saved it. The
+    client state holds the epoch and every rank's random-number state.
+    """
+    tag = f"epoch{epoch + 1}"
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.join(args.save_dir, tag), exist_ok=True)
+        with open(os.path.join(args.save_dir, tag, "run.json"), "w") as f:
+            json.dump(run_description(args, model_engine), f)
+    client_state = {"epoch": epoch + 1, "rng_states": gather_rng_states()}
+    model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state)
+
+
+def gather_rng_states():
+    """Every rank's random-number state, for a resumed run to draw what the uninterrupted one would have.
+
+    The draws are the gate's noise and random token selection, and the data
+    loader's worker seeds; DeepSpeed's checkpoints do not keep them.
+    """
+    state = {"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def resume(model_engine, args):
+    """Load the newest checkpoint in --save-dir and return the epoch to continue from; never start afresh."""
+    latest = os.path.join(args.save_dir, "latest")
+    if not os.path.isfile(latest):
+        stop(f"--resume: no checkpoint in {args.save_dir} (it has no 'latest' file)")
+    with open(latest) as f:
+        path = os.path.join(args.save_dir, f.read().strip())
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        stop(f"--resume: checkpoint {path} is incomplete (no readable run.json)")
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in run_description(args, model_engine).items()
+               if saved.get(key) != value]
+    if changed:
+        stop(f"--resume: checkpoint {path} was saved by a different run ({', '.join(changed)}); "
+             f"resume with its settings, or save to another --save-dir")
+    try:
+        load_path, client_state = model_engine.load_checkpoint(args.save_dir, os.path.basename(path))
+    except Exception as e:  # DeepSpeed raises many kinds; any of them means this checkpoint cannot be used
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no reason given; is a file missing?"
+        stop(f"--resume: cannot load checkpoint {path}: {type(e).__name__} in DeepSpeed's load_checkpoint: {reason}",
+             every_rank=True)
+    if load_path is None:
+        stop(f"--resume: cannot load checkpoint {path}: DeepSpeed found no model states there")
+    try:
+        dist.barrier()  # a rank that could not load its part has exited: do not go on without it
+    except RuntimeError:
+        stop(f"--resume: another rank could not load its part of checkpoint {path}")
+    rng_state = client_state["rng_states"][dist.get_rank()]
+    torch.set_rng_state(rng_state["torch"])
+    get_accelerator().set_rng_state(rng_state["accelerator"])
+    if dist.get_rank() == 0:
+        print(f"Resuming from {path} at epoch {client_state['epoch'] + 1}")
+    return client_state["epoch"]
+
+
+def train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval):
+    """The reference's loop; also logs throughput and expert load, checkpoints, and evaluates every --eval-every."""
     criterion = nn.CrossEntropyLoss()
-    for epoch in range(epochs):
-        trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch
-        running_loss = torch.zeros((), device=local_device)  # on the device: read only at log intervals
+    net = model_engine.module
+    expert_load = ExpertLoad(net, local_device) if args.moe else None
+    for epoch in range(start_epoch, args.epochs):
+        trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
+        step_losses = []  # (samples seen, loss) of each step, on the device: read only at log intervals
+        epoch_start = interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
             inputs, labels = inputs.to(local_device), labels.to(local_device)
             if target_dtype is not None:
                 inputs = inputs.to(target_dtype)
             outputs = model_engine(inputs)
             loss = criterion(outputs, labels)
-            model_engine.backward(loss)
+            objective = loss
+            if expert_load:
+                expert_load.add(net)
+                if args.moe_aux_loss_coef:
+                    objective = loss + args.moe_aux_loss_coef * sum(net.aux_losses)
+            model_engine.backward(objective)
             model_engine.step()
-            running_loss += loss.detach().float()
-            if i % log_interval == log_interval - 1:
-                if dist.get_rank() == 0:
-                    print(f"[{epoch + 1}, {i + 1:5d}] loss: {running_loss.item() / log_interval:.3f}")
-                running_loss.zero_()
+            step_losses.append((model_engine.global_samples, loss.detach().float()))
+            if i % args.log_interval == args.log_interval - 1:
+                losses = write_step_losses(model_engine, step_losses)
+                log_progress(model_engine, epoch, i, sum(losses) / len(losses), time.perf_counter() - interval_start,
+                             len(trainloader), args.log_interval, expert_load)
+                interval_start = time.perf_counter()
+        if step_losses:
+            write_step_losses(model_engine, step_losses)
+        model_engine.monitor.write_events([("Train/Epoch/seconds", time.perf_counter() - epoch_start, epoch + 1)])
+        if args.save_dir:
+            save_checkpoint(model_engine, args, epoch)
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+            class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
+                                                       shard=shard_eval)
+            accuracy = 100 * sum(class_correct) / sum(class_total)
+            if dist.get_rank() == 0:
+                print(f"[{epoch + 1}] accuracy of the network on the {sum(class_total)} test images: {accuracy:.1f} %")
+            model_engine.monitor.write_events([("Eval/accuracy", accuracy, model_engine.global_samples)])
 
 
 def use_single_process_defaults():
@@ -408,6 +623,8 @@ def main(args):
         if note and rank == 0:
             print(note)
     args.deepspeed_config = None  # the file is read into `config`; DeepSpeed refuses a config given twice
+    if args.metrics_dir:
+        config["csv_monitor"] = {"enabled": True, "output_path": args.metrics_dir, "job_name": "cifar10"}
 
     use_single_process_defaults()
     use_share_of_cores()
@@ -426,6 +643,8 @@ def main(args):
 
     model_engine, optimizer, trainloader, __ = deepspeed.initialize(
         args=args, model=net, model_parameters=parameters, training_data=trainset, config=config)
+    if args.seed is not None:
+        trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
 
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = None
@@ -434,11 +653,14 @@ def main(args):
     elif model_engine.fp16_enabled():
         target_dtype = torch.half
 
-    train(model_engine, trainloader, args.epochs, args.log_interval, local_device, target_dtype)
+    start_epoch = resume(model_engine, args) if args.resume else 0
+    shard_eval = not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3
+    train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval)
     if dist.get_rank() == 0:
         print("Finished Training")
 
-    test(model_engine, testset, local_device, target_dtype)
+    accuracy = test(model_engine, testset, local_device, target_dtype, shard=shard_eval)
+    model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
 
 
 if __name__ == "__main__":

@@ -57,20 +57,21 @@ class Run:
         assert self.accuracy() >= min_accuracy, self.output[-1500:]
 
 
+def run_command(cmd, cwd, env=None, timeout=LAUNCH_TIMEOUT):
+    """Run a command offline in `cwd` and return its Run; `env` adds to or overrides the environment."""
+    full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
+        if name not in (env or {}):
+            full_env.pop(name, None)  # set by the in-process group fixture; a launch makes its own
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return Run(proc)
+
+
 @pytest.fixture
 def launch(tmp_path):
-    """Run a command from the repository root, offline, in a fresh working directory for data."""
-
-    def run(*cmd, env=None, timeout=LAUNCH_TIMEOUT):
-        full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
-            if name not in (env or {}):
-                full_env.pop(name, None)  # set by the in-process group fixture; a launch makes its own
-        proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
-        return Run(proc)
-
-    return run
+    """Run a command from a fresh working directory (for data), offline."""
+    return lambda *cmd, env=None, timeout=LAUNCH_TIMEOUT: run_command(cmd, tmp_path, env, timeout)
 
 
 @pytest.fixture

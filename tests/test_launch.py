@@ -1,6 +1,10 @@
 """End-to-end runs, launched as a user launches them, on the offline synthetic data."""
 
+import csv
+import re
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -72,3 +76,51 @@ def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root,
     assert errors[0].endswith(f"Place cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) "
                               f"in {tmp_path / 'nowhere'}, or train offline on generated data with --dataset synthetic.")
     assert "Traceback" not in run.output
+
+
+def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, script, root, tmp_path):
+    metrics = tmp_path / "metrics"
+    run = launch("python", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "2", "--moe", "--num-experts",
+                 "2", "--moe-aux-loss-coef", "0.01", "--capacity-factor", "2", "--eval-every", "1",
+                 "--metrics-dir", metrics)
+    run.assert_trained(min_accuracy=20)
+    lines = run.output.splitlines()
+    loads = [re.match(r"^\[\d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss [\d.]+$", line) for line in lines]
+    loads = [m for m in loads if m]
+    speeds = [line for line in lines if re.match(r"^\[\d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch$", line)]
+    assert len(loads) == len(speeds) == len(run.losses()) == 6  # one of each per log interval
+    assert all(99 <= int(m.group(1)) + int(m.group(2)) <= 101 for m in loads)
+    assert re.search(r"^\[1\] accuracy of the network on the 1000 test images: [\d.]+ %$", run.output, re.M)
+    assert "[2] accuracy" not in run.output  # the last epoch's evaluation is the reference's final test
+
+    folder = metrics / "cifar10"
+    rows = lambda name: list(csv.reader(open(folder / f"{name}.csv")))[1:]
+    assert len(rows("Train_Samples_train_loss")) == len(rows("Train_Samples_lr")) == 626  # every step
+    assert len(rows("Train_Samples_samples_per_sec")) == len(rows("MoE_layer0_expert1_share")) == 6
+    assert len(rows("MoE_layer0_aux_loss")) == 6
+    assert int(float(rows("Eval_accuracy")[-1][1])) == run.accuracy()  # the final test, as printed
+    assert len(rows("Eval_accuracy")) == 2 and len(rows("Train_Epoch_seconds")) == 2
+
+    png = tmp_path / "metrics.png"
+    plot = subprocess.run([sys.executable, root / "plot_metrics.py", metrics, "-o", png], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+
+
+def test_dense_two_ranks_zero_1_evaluates_sharded_every_epoch(launch, script):
+    run = launch("deepspeed", "--num_gpus", "2", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--stage", "1",
+                 "-e", "3", "--eval-every", "1", "--synthetic-test-size", "203")
+    run.assert_trained(min_accuracy=50)
+    for epoch in (1, 2):
+        assert re.search(rf"^\[{epoch}\] accuracy of the network on the 203 test images: [\d.]+ %$", run.output, re.M)
+    assert "Accuracy of the network on the 203 test images:" in run.output
+
+
+def test_same_seed_gives_the_same_loss_trace(launch, script):
+    cmd = ["python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "10", "--dtype", "fp32",
+           "-e", "1", "--synthetic-train-size", "480", "--synthetic-test-size", "40", "--moe", "--num-experts", "2",
+           "--noisy-gate-policy", "RSample"]
+    first, again, other = (launch(*cmd, "--seed", seed) for seed in ("1", "1", "2"))
+    assert len(first.losses()) == 3
+    assert first.losses() == again.losses()
+    assert first.losses() != other.losses()

@@ -97,15 +97,41 @@ def test_test_handles_a_short_last_batch_and_an_absent_class(single_rank_group, 
 
 
 def test_train_tells_the_sampler_each_epoch(single_rank_group, parse, capsys):
-    args = parse("--dataset", "synthetic", "--dtype", "fp32", "--synthetic-train-size", "64")
-    trainset, _ = load_datasets(args, download=False)
+    args = parse("--dataset", "synthetic", "--dtype", "fp32", "--synthetic-train-size", "64", "--log-interval", "2")
+    trainset, testset = load_datasets(args, download=False)
     engine, _, trainloader, _ = cifar10_deepspeed.deepspeed.initialize(
         model=Net(args), model_parameters=Net(args).parameters(), training_data=trainset,
         config=cifar10_deepspeed.get_ds_config(args))
     orders = []
     for epoch in range(3):
-        cifar10_deepspeed.train(engine, trainloader, epoch + 1, 2, "cpu", None)
+        args.epochs = epoch + 1
+        cifar10_deepspeed.train(engine, trainloader, testset, args, epoch, "cpu", None, shard_eval=True)
         orders.append(list(trainloader.data_sampler))
     assert trainloader.data_sampler.epoch == 2
     assert orders[0] != orders[1] != orders[2]
     assert "[3,     4] loss:" in capsys.readouterr().out
+
+
+def test_expert_load_sums_counts_and_averages_aux_loss(single_rank_group, parse):
+    net = Net(parse("--moe", "--num-experts", "2", "4", "--mlp-type", "residual"))
+    load = cifar10_deepspeed.ExpertLoad(net, "cpu")
+    net.expert_counts, net.aux_losses = [torch.tensor([3, 1]), torch.tensor([0, 2, 2, 0])], [torch.tensor(1.0),
+                                                                                             torch.tensor(2.0)]
+    load.add(net)
+    net.expert_counts, net.aux_losses = [torch.tensor([4, 0]), torch.tensor([0, 0, 4, 0])], [torch.tensor(3.0),
+                                                                                             torch.tensor(4.0)]
+    load.add(net)
+    shares, aux_losses = load.summarize()
+    assert shares == [[7 / 8, 1 / 8], [0.0, 0.25, 0.75, 0.0]]
+    assert aux_losses == [2.0, 3.0]
+    assert load.steps == 0 and all(c.sum() == 0 for c in load.counts)  # ready for the next interval
+
+
+def test_moe_forward_exposes_aux_losses_and_expert_counts(parse):
+    net = Net(parse("--moe", "--num-experts", "2", "4", "--capacity-factor", "2.0", "--no-drop-tokens"))
+    net(torch.randn(6, 3, 32, 32))
+    assert [c.shape for c in net.expert_counts] == [(2,), (4,)]
+    assert [int(c.sum()) for c in net.expert_counts] == [6, 6]  # top-1: every token goes to one expert
+    assert len(net.aux_losses) == 2 and all(a.requires_grad for a in net.aux_losses)
+    gate = net.moe_layers[0].deepspeed_moe.gate
+    assert (gate.capacity_factor, gate.drop_tokens) == (2.0, False)

@@ -1,0 +1,184 @@
+"""Checkpoints: save every epoch, resume after a rank is killed, refuse checkpoints that do not fit."""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import LAUNCH_TIMEOUT, OFFLINE, ROOT, Run, run_command
+
+SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
+
+
+def metric(metrics_dir, name):
+    with open(metrics_dir / "cifar10" / f"{name}.csv") as f:
+        return {int(step): float(value) for step, value in csv.reader(f) if step != "step"}  # a resume adds a header
+
+
+def kill_rank_1_at(cmd, cwd, marker):
+    """Launch, wait for `marker` in the output, SIGKILL rank 1, and return the launcher's Run."""
+    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    output, rank_1 = [], None
+    for line in launcher.stdout:
+        output.append(line)
+        spawned = re.search(r"process (\d+) spawned with command: .*'--local_rank=1'", line)
+        if spawned:
+            rank_1 = int(spawned.group(1))
+        if marker in line:
+            os.kill(rank_1, signal.SIGKILL)
+            break
+    output.append(launcher.communicate(timeout=LAUNCH_TIMEOUT)[0])
+    return Run(subprocess.CompletedProcess(cmd, launcher.returncode, "".join(output)))
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """MoE with EP 2 in fp16, 3 epochs: run through; run again, SIGKILL rank 1 in epoch 2, and resume."""
+    tmp = tmp_path_factory.mktemp("killed")
+
+    def cmd(name, *extra):
+        return ["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SYNTHETIC, "-e", "3",
+                "--moe", "--ep-world-size", "2", "--num-experts", "2", "--save-dir", tmp / name,
+                "--metrics-dir", tmp / f"{name}-metrics", *extra]
+
+    full = run_command(cmd("full"), tmp)
+    killed = kill_rank_1_at(cmd("killed"), tmp, marker="[2,   100] loss:")
+    latest_after_kill = (tmp / "killed" / "latest").read_text().strip()
+    resumed = run_command(cmd("killed", "--resume"), tmp)
+    return SimpleNamespace(tmp=tmp, cmd=cmd, full=full, killed=killed, resumed=resumed,
+                           latest_after_kill=latest_after_kill)
+
+
+def test_a_killed_rank_resumes_where_the_last_epoch_ended(killed_and_resumed):
+    """The resumed run restarts at epoch 2 with the uninterrupted run's weights, data order, LR schedule
+    and loss-scale state, and ends with its accuracy within noise."""
+    run = killed_and_resumed
+    run.full.assert_trained(min_accuracy=20)
+    assert run.killed.returncode != 0 and "Finished Training" not in run.killed.output
+    assert run.latest_after_kill == "epoch1"  # the unfinished epoch is lost
+
+    resumed = run.resumed
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"Resuming from {run.tmp / 'killed' / 'epoch1'} at epoch 2" in resumed.output
+    assert resumed.output.count("[1,   100] loss:") == 0 and resumed.output.count("[2,   100] loss:") == 1
+    assert abs(resumed.accuracy() - run.full.accuracy()) <= 5
+    assert (run.tmp / "killed" / "latest").read_text().strip() == "epoch3"
+
+    def after_resume(metrics, name):
+        values = metric(run.tmp / metrics, name)
+        return {step: value for step, value in values.items() if step > 313 * 16}  # epoch 1 has 313 steps
+
+    for name in ("Train_Samples_lr", "Train_Samples_loss_scale"):  # the scale doubles at step 501, in epoch 2
+        assert after_resume("killed-metrics", name) == after_resume("full-metrics", name), name
+    # The same weights and data order: the first steps' losses agree. Later the two runs drift apart in the
+    # last bits: DeepSpeed's CPU Adam computes beta^t by pow() after a restart but by repeated products in
+    # a running process, and fp16 weights turn those differences into visible ones.
+    resumed_losses = dict(sorted(after_resume("killed-metrics", "Train_Samples_train_loss").items())[:10])
+    full_losses = after_resume("full-metrics", "Train_Samples_train_loss")
+    assert resumed_losses == pytest.approx({step: full_losses[step] for step in resumed_losses}, rel=1e-3)
+
+
+def test_a_rank_missing_its_part_of_the_checkpoint_stops_every_rank(killed_and_resumed):
+    run = killed_and_resumed
+    partial = run.tmp / "partial"
+    subprocess.run(["cp", "-r", str(run.tmp / "killed"), str(partial)], check=True)
+    (partial / "epoch3" / "expp_rank_1_mp_rank_00_optim_states.pt").unlink()  # rank 1's expert optimizer
+    cmd = run.cmd("killed", "--resume")
+    cmd[cmd.index(run.tmp / "killed")] = partial
+    refusal = run_command(cmd, run.tmp)
+    assert refusal.returncode == 1
+    errors = [line for line in refusal.output.splitlines() if line.startswith("error: ")]
+    assert errors[0] == (f"error: --resume: cannot load checkpoint {partial / 'epoch3'}: FileNotFoundError in "
+                         f"DeepSpeed's load_checkpoint: [Errno 2] No such file or directory: "
+                         f"'{partial / 'epoch3' / 'expp_rank_1_mp_rank_00_optim_states.pt'}'")
+    assert "Resuming from" not in refusal.output and "Finished Training" not in refusal.output
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dtype", "fp32", "--stage", "2"],
+    ["--dtype", "fp32", "--stage", "1", "--moe", "--ep-world-size", "2", "--num-experts", "2",
+     "--noisy-gate-policy", "RSample"],
+], ids=["dense-zero2", "moe-ep2-zero1-rsample"])
+def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_path, flags):
+    """Resuming from the epoch-1 checkpoint of a 2-epoch run prints that run's epoch 2 and final test again.
+
+    In fp32, where rounding differences stay in the last bits of the weights (see the fp16 test above).
+    """
+    cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SYNTHETIC, "-e", "2", "--log-interval", "10",
+           "--synthetic-train-size", "800", "--synthetic-test-size", "200", *flags]
+    full = launch(*cmd, "--save-dir", tmp_path / "full")
+    assert full.returncode == 0, full.output[-3000:]
+    subprocess.run(["cp", "-r", str(tmp_path / "full"), str(tmp_path / "resumed")], check=True)
+    (tmp_path / "resumed" / "latest").write_text("epoch1")
+
+    resumed = launch(*cmd, "--save-dir", tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "at epoch 2" in resumed.output
+    def epoch_2_and_test(run):
+        return [line for line in run.output.splitlines() if line.startswith(("[2, ", "Accuracy of"))
+                and "samples/s" not in line]
+    assert len(epoch_2_and_test(full)) > 11
+    assert epoch_2_and_test(resumed) == epoch_2_and_test(full)
+
+
+@pytest.fixture(scope="module")
+def saved_dense_run(tmp_path_factory):
+    """A one-epoch dense run that saved its checkpoint, shared by the refusal tests."""
+    cwd = tmp_path_factory.mktemp("saved")
+    cmd = ["python", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "1",
+           "--synthetic-train-size", "160", "--synthetic-test-size", "40", "--save-dir", cwd / "ckpt"]
+    run = run_command(cmd, cwd)
+    assert run.returncode == 0, run.output[-3000:]
+    assert json.loads((cwd / "ckpt" / "epoch1" / "run.json").read_text())["world_size"] == 1
+    return cmd[:-2], cwd / "ckpt"
+
+
+def refused(launch, cmd, save_dir, *extra):
+    run = launch(*cmd, "--save-dir", save_dir, "--resume", *extra)
+    assert run.returncode == 1
+    assert "Finished Training" not in run.output and "Traceback" not in run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, run.output[-3000:]
+    return errors[0]
+
+
+def test_resume_from_an_empty_directory_is_refused(launch, saved_dense_run, tmp_path):
+    cmd, _ = saved_dense_run
+    assert refused(launch, cmd, tmp_path / "empty") == (
+        f"error: --resume: no checkpoint in {tmp_path / 'empty'} (it has no 'latest' file)")
+
+
+def test_resume_into_another_model_shape_is_refused(launch, saved_dense_run):
+    cmd, save_dir = saved_dense_run
+    assert refused(launch, cmd, save_dir, "--moe", "--num-experts", "2") == (
+        f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run "
+        "(moe False -> True, num_experts None -> [2], mlp_type None -> standard, ep_world_size None -> 1); "
+        "resume with its settings, or save to another --save-dir")
+
+
+def test_resume_from_a_partial_checkpoint_is_refused(launch, saved_dense_run, tmp_path):
+    cmd, save_dir = saved_dense_run
+    partial = tmp_path / "partial"
+    subprocess.run(["cp", "-r", str(save_dir), str(partial)], check=True)
+    (partial / "epoch1" / "mp_rank_00_model_states.pt").unlink()
+    error = refused(launch, cmd, partial)
+    assert error.startswith(f"error: --resume: cannot load checkpoint {partial / 'epoch1'}: ")
+
+    (partial / "epoch1" / "run.json").unlink()
+    assert refused(launch, cmd, partial) == (
+        f"error: --resume: checkpoint {partial / 'epoch1'} is incomplete (no readable run.json)")
+
+
+def test_resume_on_another_world_size_is_refused(launch, saved_dense_run):
+    cmd, save_dir = saved_dense_run
+    two_ranks = ["deepspeed", "--num_gpus", "2", *cmd[1:]]
+    assert refused(launch, two_ranks, save_dir) == (
+        f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run (world_size 1 -> 2); "
+        "resume with its settings, or save to another --save-dir")
