@@ -21,6 +21,7 @@ RUNS = [
     ("MoE, RSample noise", MOE + ["--noisy-gate-policy", "RSample"]),
     ("MoE, aux loss 0.01", MOE + ["--moe-aux-loss-coef", "0.01"]),
     ("MoE, capacity factor 2", MOE + ["--capacity-factor", "2"]),
+    ("MoE, capacity factor 2 + aux loss 0.01", MOE + ["--capacity-factor", "2", "--moe-aux-loss-coef", "0.01"]),
     ("MoE, RSample + aux loss 0.01", MOE + ["--noisy-gate-policy", "RSample", "--moe-aux-loss-coef", "0.01"]),
 ]
 

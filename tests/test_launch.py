@@ -81,7 +81,7 @@ def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root,
 def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, script, root, tmp_path):
     metrics = tmp_path / "metrics"
     run = launch("python", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "2", "--moe", "--num-experts",
-                 "2", "--moe-aux-loss-coef", "0.01", "--capacity-factor", "2", "--eval-every", "1",
+                 "2", "--moe-aux-loss-coef", "0.01", "--eval-every", "1",
                  "--metrics-dir", metrics)
     run.assert_trained(min_accuracy=20)
     lines = run.output.splitlines()
@@ -90,6 +90,7 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
     speeds = [line for line in lines if re.match(r"^\[\d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch$", line)]
     assert len(loads) == len(speeds) == len(run.losses()) == 6  # one of each per log interval
     assert all(99 <= int(m.group(1)) + int(m.group(2)) <= 101 for m in loads)
+    assert max(int(loads[-1].group(1)), int(loads[-1].group(2))) <= 70  # the aux loss balanced the router
     assert re.search(r"^\[1\] accuracy of the network on the 1000 test images: [\d.]+ %$", run.output, re.M)
     assert "[2] accuracy" not in run.output  # the last epoch's evaluation is the reference's final test
 
