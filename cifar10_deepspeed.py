@@ -74,6 +74,9 @@ def build_parser():
     parser.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, or is downloaded to (default: ./data)")
     parser.add_argument("--synthetic-train-size", default=5000, type=int, help="synthetic training images (default: 5000)")
     parser.add_argument("--synthetic-test-size", default=1000, type=int, help="synthetic test images (default: 1000)")
+    parser.add_argument("--data-workers", default=None, type=int,
+                        help="data-loader worker processes per rank (default: chosen from the rank's cores; "
+                             "0 on DeepSpeed's CPU accelerator)")
     parser.add_argument("--seed", default=None, type=int,
                         help="seed for model init, gate noise and data order; each rank adds its rank to the "
                              "model and noise seed (default: unseeded, data order seed 0)")
@@ -195,6 +198,8 @@ def check_args(args, config, world_size):
         return "--synthetic-train-size and --synthetic-test-size must be at least 1"
     if args.resume and not args.save_dir:
         return "--resume needs --save-dir, the directory to resume from"
+    if args.data_workers is not None and args.data_workers < 0:
+        return f"--data-workers must not be negative, got {args.data_workers}"
     if args.eval_every < 0:
         return f"--eval-every must not be negative, got {args.eval_every}"
     if args.capacity_factor <= 0 or args.eval_capacity_factor <= 0:
@@ -583,16 +588,33 @@ def use_single_process_defaults():
         os.environ.setdefault(name, str(value))
 
 
+def cores_per_rank():
+    """This rank's share of the cores it may run on, among the ranks on this node."""
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // local_size)
+
+
 def use_share_of_cores():
     """Size this rank's thread pool to its share of the cores, unless the launcher did (OMP_NUM_THREADS).
 
     Without it every rank starts one thread per core, and ranks on one machine
     oversubscribe the cores, which makes each step several times slower.
     """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cores_per_rank())
+
+
+def data_loader_workers():
+    """Data-loader worker processes for this rank, chosen from the cores it has.
+
+    Where the accelerator computes on the host's cores (DeepSpeed's CPU
+    accelerator), workers only compete with training for them: load in the
+    training process. Otherwise feed the accelerator from up to 4 workers,
+    leaving one core to the training process.
+    """
+    if get_accelerator().is_synchronized_device():
+        return 0
+    return min(4, cores_per_rank() - 1)
 
 
 def allow_emulated_fp16(config):
@@ -645,6 +667,8 @@ def main(args):
         args=args, model=net, model_parameters=parameters, training_data=trainset, config=config)
     if args.seed is not None:
         trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
+    # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
+    trainloader.num_local_io_workers = data_loader_workers() if args.data_workers is None else args.data_workers
 
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = None
@@ -661,6 +685,7 @@ def main(args):
 
     accuracy = test(model_engine, testset, local_device, target_dtype, shard=shard_eval)
     model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
+    dist.destroy_process_group()  # join the communication threads before exit, which may abort otherwise
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
+import inspect
 import subprocess
 import sys
 import time
 
 import pytest
+from deepspeed.moe.layer import MoE
 
 from cifar10_deepspeed import check_args, get_ds_config, main
 
@@ -21,6 +23,17 @@ def test_reference_defaults(parse):
         "cifar10", "./data", 5000, 1000)
     config = get_ds_config(args)
     assert config["fp16"]["enabled"] and config["zero_optimization"]["stage"] == 0
+
+
+def test_flags_beyond_the_reference_default_to_its_behaviour(parse):
+    args = parse()
+    assert (args.save_dir, args.resume, args.eval_every, args.metrics_dir, args.seed, args.data_workers) == (
+        None, False, 0, None, None, None)
+    assert args.moe_aux_loss_coef == 0
+    moe_defaults = inspect.signature(MoE).parameters  # what the reference's MoE layers get
+    assert (args.capacity_factor, args.eval_capacity_factor, args.drop_tokens) == (
+        moe_defaults["capacity_factor"].default, moe_defaults["eval_capacity_factor"].default,
+        moe_defaults["drop_tokens"].default)
 
 
 def test_reference_flags_parse(parse):
@@ -62,6 +75,12 @@ def test_valid_mixes_pass(parse, argv, world_size):
      "--noisy-gate-policy RSample works with --top-k 1 only (DeepSpeed ignores it for top-2); use Jitter"),
     (["--log-interval", "0"], 1, "--log-interval must be at least 1, got 0"),
     (["--synthetic-test-size", "0"], 1, "--synthetic-train-size and --synthetic-test-size must be at least 1"),
+    (["--resume"], 1, "--resume needs --save-dir, the directory to resume from"),
+    (["--eval-every", "-1"], 1, "--eval-every must not be negative, got -1"),
+    (["--moe", "--capacity-factor", "0"], 1, "--capacity-factor and --eval-capacity-factor must be positive"),
+    (["--moe", "--eval-capacity-factor", "-1"], 1, "--capacity-factor and --eval-capacity-factor must be positive"),
+    (["--moe", "--moe-aux-loss-coef", "-0.1"], 1, "--moe-aux-loss-coef must not be negative, got -0.1"),
+    (["--data-workers", "-1"], 1, "--data-workers must not be negative, got -1"),
 ])
 def test_bad_mixes_are_rejected_with_the_reason(parse, argv, world_size, expected):
     assert reason(parse, *argv, world_size=world_size) == expected

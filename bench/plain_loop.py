@@ -1,0 +1,73 @@
+"""The plain-PyTorch baseline: the script's dense Net, optimizer maths, clipping and data, without DeepSpeed.
+
+    python bench/plain_loop.py [-e 2] [--log-interval 50] [--workers N]
+
+One process, fp32. AdamW (DeepSpeed's Adam in its default AdamW mode) with
+the reference's lr, betas, eps and weight decay; gradient clipping at 1.0;
+WarmupLR's log warm-up as a LambdaLR; the synthetic data with the script's
+transforms, batch 16, reshuffled each epoch. Prints the reference's loss
+lines and the same throughput lines as cifar10_deepspeed.py, so
+bench/throughput.py reads both alike.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cifar10_deepspeed  # noqa: E402
+
+
+def warmup_lr(step, warmup_num_steps=1000):
+    """DeepSpeed's WarmupLR (log type) as a factor of the peak lr."""
+    return min(1.0, math.log(step + 1) / math.log(warmup_num_steps))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-e", "--epochs", type=int, default=2)
+    parser.add_argument("--log-interval", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loader workers (default: the script's choice for one rank)")
+    parser.add_argument("--synthetic-train-size", type=int, default=5000)
+    args = parser.parse_args()
+
+    net_args = cifar10_deepspeed.add_argument(["--dataset", "synthetic", "--synthetic-train-size",
+                                               str(args.synthetic_train_size)])
+    trainset, _ = cifar10_deepspeed.load_datasets(net_args, download=False)
+    workers = cifar10_deepspeed.data_loader_workers() if args.workers is None else args.workers
+    trainloader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True, num_workers=workers,
+                                              persistent_workers=workers > 0)
+    net = cifar10_deepspeed.Net(net_args)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.001, betas=(0.8, 0.999), eps=1e-8, weight_decay=3e-7)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lr)
+    criterion = nn.CrossEntropyLoss()
+
+    for epoch in range(args.epochs):
+        running_loss = torch.zeros(())
+        interval_start = time.perf_counter()
+        for i, (inputs, labels) in enumerate(trainloader):
+            optimizer.zero_grad()
+            loss = criterion(net(inputs), labels)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running_loss += loss.detach()
+            if i % args.log_interval == args.log_interval - 1:
+                seconds = time.perf_counter() - interval_start
+                prefix = f"[{epoch + 1}, {i + 1:5d}]"
+                print(f"{prefix} loss: {running_loss.item() / args.log_interval:.3f}")
+                print(f"{prefix} {args.log_interval * 16 / seconds:.0f} samples/s, "
+                      f"{seconds / args.log_interval * len(trainloader):.1f} s/epoch", flush=True)
+                running_loss.zero_()
+                interval_start = time.perf_counter()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Throughput and start-up of cifar10_deepspeed.py against a plain-PyTorch loop, side by side.
+
+    python bench/throughput.py [--rounds 2] [--epochs 2]
+
+Runs every configuration once per round, rounds interleaved so that the
+machine's drift hits them alike, on the synthetic data in fp32. For each it
+reads the throughput lines both programs print and reports the samples per
+second (median over rounds of the mean over log intervals after the first),
+the ratio to the plain loop, and the seconds from launch to the first
+training step (the time of the first throughput line less the interval it
+measured). Prints a Markdown table.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_INTERVAL = 50
+DATA = ["--dataset", "synthetic", "--dtype", "fp32", "--log-interval", str(LOG_INTERVAL)]
+SCRIPT = [sys.executable, os.path.join(ROOT, "cifar10_deepspeed.py"), "--deepspeed", *DATA]
+MOE = ["--moe", "--num-experts", "2", "--top-k", "1"]
+CONFIGS = [
+    ("plain PyTorch, dense, 1 process", [sys.executable, os.path.join(ROOT, "bench", "plain_loop.py"),
+                                         "--log-interval", str(LOG_INTERVAL)], {}),
+    ("DeepSpeed, dense, 1 rank (python)", SCRIPT, {}),
+    ("DeepSpeed, dense, 1 rank, DeepSpeed's 2 loader workers", SCRIPT + ["--data-workers", "2"], {}),
+    ("DeepSpeed, MoE 2 experts top-1, 1 rank (python)", SCRIPT + MOE, {}),
+    ("DeepSpeed, dense, 2 ranks (NUM_GPUS=2 run_ds.sh)", [os.path.join(ROOT, "run_ds.sh"), *DATA], {"NUM_GPUS": "2"}),
+    ("DeepSpeed, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA], {}),
+]
+THROUGHPUT = re.compile(r"^\[\d+, +\d+\] (\d+) samples/s, ")
+
+
+def measure(cmd, env, epochs):
+    """Run once; return (mean samples/s over the intervals after the first, seconds to the first step)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "-e", str(epochs)], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    speeds, startup, output = [], None, []
+    for line in proc.stdout:
+        output.append(line)
+        match = THROUGHPUT.match(line)
+        if match:
+            speeds.append(int(match.group(1)))
+            if startup is None:
+                startup = time.perf_counter() - start - LOG_INTERVAL * 16 / speeds[0]
+    if proc.wait() != 0 or len(speeds) < 2:
+        sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{''.join(output[-30:])}")
+    return statistics.mean(speeds[1:]), startup
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    results = {name: [] for name, _, _ in CONFIGS}
+    for _ in range(args.rounds):
+        for name, cmd, env in CONFIGS:
+            results[name].append(measure(cmd, env, args.epochs))
+    plain = statistics.median(speed for speed, _ in results[CONFIGS[0][0]])
+    one_rank = statistics.median(speed for speed, _ in results[CONFIGS[1][0]])
+    print(f"| configuration ({os.cpu_count()} cores, fp32, batch 16) | samples/s | vs plain PyTorch "
+          "| vs DeepSpeed 1 rank | start-up s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, runs in results.items():
+        speed = statistics.median(s for s, _ in runs)
+        startup = statistics.median(t for _, t in runs)
+        print(f"| {name} | {speed:.0f} | {speed / plain:.2f} | {speed / one_rank:.2f} | {startup:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
