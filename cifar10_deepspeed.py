@@ -534,6 +534,21 @@ def resume(model_engine, args):
     return client_state["epoch"]
 
 
+def train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef=0.0):
+    """One step of the reference's loop, plus the MoE aux loss when asked; returns the loss, still on the device."""
+    inputs, labels = inputs.to(local_device), labels.to(local_device)
+    if target_dtype is not None:
+        inputs = inputs.to(target_dtype)
+    outputs = model_engine(inputs)
+    loss = criterion(outputs, labels)
+    objective = loss
+    if aux_loss_coef:
+        objective = loss + aux_loss_coef * sum(model_engine.module.aux_losses)
+    model_engine.backward(objective)
+    model_engine.step()
+    return loss.detach().float()
+
+
 def train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval):
     """The reference's loop; also logs throughput and expert load, checkpoints, and evaluates every --eval-every."""
     criterion = nn.CrossEntropyLoss()
@@ -544,19 +559,11 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
         step_losses = []  # (samples seen, loss) of each step, on the device: read only at log intervals
         epoch_start = interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
-            inputs, labels = inputs.to(local_device), labels.to(local_device)
-            if target_dtype is not None:
-                inputs = inputs.to(target_dtype)
-            outputs = model_engine(inputs)
-            loss = criterion(outputs, labels)
-            objective = loss
+            loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype,
+                              args.moe_aux_loss_coef)
             if expert_load:
                 expert_load.add(net)
-                if args.moe_aux_loss_coef:
-                    objective = loss + args.moe_aux_loss_coef * sum(net.aux_losses)
-            model_engine.backward(objective)
-            model_engine.step()
-            step_losses.append((model_engine.global_samples, loss.detach().float()))
+            step_losses.append((model_engine.global_samples, loss))
             if i % args.log_interval == args.log_interval - 1:
                 losses = write_step_losses(model_engine, step_losses)
                 log_progress(model_engine, epoch, i, sum(losses) / len(losses), time.perf_counter() - interval_start,
@@ -633,6 +640,43 @@ def allow_emulated_fp16(config):
             "running fp16 as PyTorch emulates it (slower than --dtype bf16 or fp32)")
 
 
+def initialize(args, config):
+    """Seed, load the data (rank 0 first), build the Net and hand it to deepspeed.initialize.
+
+    Returns the engine, its training data loader and the test set.
+    """
+    if args.seed is not None:
+        torch.manual_seed(args.seed + dist.get_rank())
+    trainset, testset = load_data_rank_zero_first(args)
+
+    net = Net(args)
+    parameters = filter(lambda p: p.requires_grad, net.parameters())
+    if args.moe_param_group:
+        parameters = create_moe_param_groups(net)
+
+    model_engine, optimizer, trainloader, __ = deepspeed.initialize(
+        args=args, model=net, model_parameters=parameters, training_data=trainset, config=config)
+    if args.seed is not None:
+        trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
+    # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
+    trainloader.num_local_io_workers = data_loader_workers() if args.data_workers is None else args.data_workers
+    return model_engine, trainloader, testset
+
+
+def input_dtype(model_engine):
+    """The dtype to cast inputs to: the engine's bf16 or fp16, or None in fp32."""
+    if model_engine.bfloat16_enabled():
+        return torch.bfloat16
+    if model_engine.fp16_enabled():
+        return torch.half
+    return None
+
+
+def can_shard_eval(args, model_engine):
+    """Whether each rank may evaluate its own share of the test set (see count_correct)."""
+    return not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3
+
+
 def main(args):
     config, config_note = load_ds_config(args)
     rank = int(os.environ.get("RANK", 0))
@@ -653,32 +697,13 @@ def main(args):
     deepspeed.init_distributed()
     local_rank = int(os.environ["LOCAL_RANK"])
     get_accelerator().set_device(local_rank)
-    if args.seed is not None:
-        torch.manual_seed(args.seed + dist.get_rank())
 
-    trainset, testset = load_data_rank_zero_first(args)
-
-    net = Net(args)
-    parameters = filter(lambda p: p.requires_grad, net.parameters())
-    if args.moe_param_group:
-        parameters = create_moe_param_groups(net)
-
-    model_engine, optimizer, trainloader, __ = deepspeed.initialize(
-        args=args, model=net, model_parameters=parameters, training_data=trainset, config=config)
-    if args.seed is not None:
-        trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
-    # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
-    trainloader.num_local_io_workers = data_loader_workers() if args.data_workers is None else args.data_workers
-
+    model_engine, trainloader, testset = initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
-    target_dtype = None
-    if model_engine.bfloat16_enabled():
-        target_dtype = torch.bfloat16
-    elif model_engine.fp16_enabled():
-        target_dtype = torch.half
+    target_dtype = input_dtype(model_engine)
 
     start_epoch = resume(model_engine, args) if args.resume else 0
-    shard_eval = not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3
+    shard_eval = can_shard_eval(args, model_engine)
     train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval)
     if dist.get_rank() == 0:
         print("Finished Training")

@@ -1,0 +1,102 @@
+"""One rank, fp32: DeepSpeed's training step is the update a plain PyTorch loop applies by hand.
+
+The hand-written loop applies what the script's config asks for: Adam in
+AdamW mode (decoupled weight decay) with the config's betas, eps and weight
+decay, gradient clipping to the config's norm, and WarmupLR's log schedule.
+The MoE layer's forward (DeepSpeed's gate math) is shared; only the training
+machinery differs. Both loops see the same batches and the same random draws.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cifar10_deepspeed
+from cifar10_deepspeed import Net, get_ds_config, train_step
+
+STEPS = 25
+
+
+def warmup_lr(step, scheduler):
+    """WarmupLR with warmup_type log: the learning rate of optimizer step `step` (0, 1, ...).
+
+    The scheduler starts before the first step, at the minimum, and steps after
+    each: step s runs at iteration s - 1, so the first two steps run at the minimum.
+    """
+    low, high, warmup = scheduler["warmup_min_lr"], scheduler["warmup_max_lr"], scheduler["warmup_num_steps"]
+    iteration = step - 1
+    if iteration < 0:
+        return low
+    gamma = math.log(iteration + 1) / math.log(warmup) if iteration < warmup else 1.0
+    return low + (high - low) * gamma
+
+
+def adamw_step(params, grads, moments, step, lr, betas, eps, weight_decay):
+    """One Adam step with decoupled weight decay, as torch.optim.AdamW defines it (step counts from 1)."""
+    beta1, beta2 = betas
+    for p, g, (m, v) in zip(params, grads, moments):
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        p.mul_(1 - lr * weight_decay)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+
+
+def train_by_hand(net, batches, config):
+    optimizer, scheduler = config["optimizer"]["params"], config["scheduler"]["params"]
+    params = list(net.parameters())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for step, (inputs, labels) in enumerate(batches):
+        torch.manual_seed(step)  # the gate's random token selection draws the same numbers as in DeepSpeed's run
+        loss = nn.functional.cross_entropy(net(inputs), labels)
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        clip = config["gradient_clipping"] / (norm + 1e-6)
+        if clip < 1:
+            grads = [g * clip for g in grads]
+        with torch.no_grad():
+            adamw_step(params, grads, moments, step + 1, warmup_lr(step, scheduler), optimizer["betas"],
+                       optimizer["eps"], optimizer["weight_decay"])
+
+
+def train_with_deepspeed(net, batches, args, config):
+    model_engine, *_ = cifar10_deepspeed.deepspeed.initialize(args=args, model=net, model_parameters=net.parameters(),
+                                                              config=config)
+    for step, (inputs, labels) in enumerate(batches):
+        torch.manual_seed(step)
+        train_step(model_engine, nn.CrossEntropyLoss(), inputs, labels, "cpu", None)
+        assert model_engine.was_step_applied()
+    return model_engine
+
+
+def batches(args):
+    """The first STEPS batches of 16 of the synthetic training set, as the script's transforms make them."""
+    trainset, _ = cifar10_deepspeed.load_datasets(args, download=False)
+    images, labels = zip(*(trainset[i] for i in range(16 * STEPS)))
+    return list(zip(torch.stack(images).split(16), torch.tensor(labels).split(16)))
+
+
+@pytest.mark.parametrize("flags", [[], ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"],
+                                   ["--moe", "--num-experts", "2", "4", "--mlp-type", "residual", "--top-k", "2"]],
+                         ids=["dense", "moe-top1-rsample", "pr-moe-top2"])
+def test_deepspeed_step_is_adamw_with_clipping_and_warmup(single_rank_group, parse, flags):
+    args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * STEPS), "--dtype", "fp32",
+                 "--stage", "0", *flags)
+    config = get_ds_config(args)
+    torch.manual_seed(0)
+    net = Net(args)
+    by_hand, initial = copy.deepcopy(net), copy.deepcopy(net)
+    data = batches(args)
+    model_engine = train_with_deepspeed(net, data, args, config)
+    for layer in getattr(by_hand, "moe_layers", []):
+        layer.set_deepspeed_parallelism()  # the expert group DeepSpeed made for the engine's copy
+    train_by_hand(by_hand, data, config)
+
+    for (name, ours), theirs, start in zip(model_engine.module.named_parameters(), by_hand.parameters(),
+                                           initial.parameters()):
+        assert (ours - start).abs().max() > 1e-4, f"{name} barely moved: the comparison would prove nothing"
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert model_engine.global_steps == STEPS

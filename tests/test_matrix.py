@@ -1,0 +1,212 @@
+"""Training is right in every configuration the script accepts.
+
+The matrix is dtype {fp32, bf16, fp16} x ZeRO {0, 1, 2, 3} x model {dense, MoE
+top-1, MoE top-2, MoE with RSample, PR-MoE} x world {1, 2} x EP {1, 2}, less the
+mixes the script rejects (tested for their error in test_cli.py). Each test is
+one invariant, parametrized by cell, so that a failure names both; TESTING.md
+has the table.
+
+tests/train_cells.py trains many cells in one launch (one launch per world
+size). Every cell trains a short epoch of CHECK_STEPS steps, twice, in two
+processes: that shows what moves, what the ranks hold, the fp16 overflow skip
+and the repeatable trace. Learning takes longer: LEARN_STEPS steps per cell,
+for a set of cells that covers every dtype, stage, model and world/EP size in
+CI, and for every cell with FULL_MATRIX=1.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import IDLE_EXPERTS, ROOT, run_command
+from train_cells import OVERFLOW_STEPS, all_cells, parse_cell
+
+CELLS = all_cells()
+CHECK_STEPS = 14  # past the fp16 overflow steps, and the learning rate's first two zero steps
+LEARN_STEPS = 300
+LEARN_IN_CI = ["fp32-zero0-dense-w1", "fp16-zero3-dense-w1", "bf16-zero3-dense-w2", "fp32-zero1-top1-w1-ep1",
+               "bf16-zero0-top2-w2-ep1", "fp16-zero2-rsample-w1-ep1", "bf16-zero1-rsample-w2-ep2",
+               "fp32-zero2-prmoe-w2-ep2", "fp16-zero1-prmoe-w2-ep1"]
+FULL_MATRIX = os.environ.get("FULL_MATRIX") == "1"
+MIN_ACCURACY = 25  # percent on the synthetic test images, where chance is 10
+MATRIX_TIMEOUT = 3600
+
+
+def selected_cells(session, tests, world):
+    """The cells of this world size that the session runs `tests` for (all cells, without -k)."""
+    cells = {item.callspec.params["cell"] for item in session.items
+             if item.module.__name__ == __name__ and item.originalname in tests}
+    return [cell for cell in CELLS if cell in cells and parse_cell(cell)[3] == world]
+
+
+def train(tmp, name, cells, world, steps, *flags, accelerator="cpu"):
+    """Train `cells` in one launch of `world` ranks on DeepSpeed's `accelerator`; return the report."""
+    if not cells:
+        return {}
+    report = tmp / f"{name}-w{world}.json"
+    run = run_command(["deepspeed", "--num_gpus", world, ROOT / "tests" / "train_cells.py", "--report", report,
+                       "--steps", steps, *flags, *cells], tmp, env={"DS_ACCELERATOR": accelerator}, timeout=MATRIX_TIMEOUT)
+    assert run.returncode == 0, run.output[-3000:]
+    return json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def checked(request, tmp_path_factory):
+    """Every selected cell trained for CHECK_STEPS steps, and again in another process: (first, again)."""
+    tmp = tmp_path_factory.mktemp("checked")
+    tests = {"test_every_parameter_with_a_gradient_moves", "test_two_ranks_agree_and_hold_their_experts",
+             "test_fp16_overflow_step_is_skipped", "test_same_seed_gives_the_same_loss_trace"}
+    first, again = {}, {}
+    for world in (1, 2):
+        cells = selected_cells(request.session, tests, world)
+        first.update(train(tmp, "first", cells, world, CHECK_STEPS, "--checks"))
+        again.update(train(tmp, "again", cells, world, CHECK_STEPS))
+    return first, again
+
+
+@pytest.fixture(scope="module")
+def learned(request, tmp_path_factory):
+    """The selected learning cells, trained for LEARN_STEPS steps."""
+    tmp = tmp_path_factory.mktemp("learned")
+    report = {}
+    for world in (1, 2):
+        cells = [cell for cell in selected_cells(request.session, {"test_learns"}, world)
+                 if FULL_MATRIX or cell in LEARN_IN_CI]
+        report.update(train(tmp, "learned", cells, world, LEARN_STEPS, "--evaluate"))
+    return report
+
+
+def ranks_of(report, cell):
+    assert "error" not in report, f"{cell} did not train:\n{report['error']}"
+    return report["ranks"]
+
+
+def finite_losses(rank):
+    return [loss for loss in rank["losses"] if math.isfinite(loss)]
+
+
+def assert_learns(report, cell):
+    """The loss falls and the test accuracy ends well above chance."""
+    rank = ranks_of(report, cell)[0]
+    losses = finite_losses(rank)
+    first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
+    assert last < 0.85 * first, f"mean loss of the first 50 steps {first:.3f}, of the last 50 {last:.3f}"
+    assert rank["accuracy"] >= MIN_ACCURACY, f"test accuracy {rank['accuracy']:.1f} %"
+
+
+def assert_every_parameter_with_a_gradient_moves(report, cell):
+    """At the last step the optimizer moves every non-expert parameter and every expert that got a token.
+
+    "Moves" is read on the optimizer's fp32 master copy, which every applied
+    step updates (in fp16 and bf16 one step can be below the model copy's
+    precision); the model's copy must then equal its master, rounded. An expert that got no token at
+    the last step has no gradient there: it is returned as idle, not counted as
+    moved or as broken.
+    """
+    idle = set()
+    for number, rank in enumerate(ranks_of(report, cell)):
+        assert rank["applied"][-1], f"rank {number}: the last step was not applied"
+        for param in rank["params"]:
+            if param["expert"] is None:
+                assert param["moved"], f"rank {number}: {param['name']} did not move"
+                assert param["matches_master"], f"rank {number}: the model's {param['name']} is not its master copy"
+                continue
+            layer, expert = param["expert"]
+            if rank["tokens"][layer][expert]:
+                assert param["moved"] and param["matches_master"], (
+                    f"rank {number}: {param['name']} (layer {layer}, expert {expert}, "
+                    f"{rank['tokens'][layer][expert]:.0f} tokens) did not move")
+            else:
+                idle.add(f"layer {layer} expert {expert}")
+    return sorted(idle)
+
+
+def assert_ranks_agree_and_hold_their_experts(report, cell):
+    """Non-expert parameters end identical; each rank holds num_experts / EP experts; EP 2 ranks hold different ones."""
+    dtype, stage, model, world, ep = parse_cell(cell)
+    ranks = ranks_of(report, cell)
+    assert report["shared_max_diff"] == 0, f"non-expert parameters differ by up to {report['shared_max_diff']}"
+    expected = {"dense": [], "prmoe": [2 // ep, 4 // ep]}.get(model, [2 // ep])
+    assert [rank["local_experts"] for rank in ranks] == [expected, expected]
+    if model != "dense" and ep == 2:
+        assert report["expert_min_diff"] > 0, "the two ranks hold an identical expert"
+    elif model != "dense":
+        assert report["expert_max_diff"] == 0, "the ranks' copies of the experts differ"
+
+
+def assert_fp16_overflow_step_is_skipped(report, cell):
+    """Two steps with non-finite gradients change no parameter; the loss scale drops; training goes on."""
+    first, second = OVERFLOW_STEPS
+    for number, rank in enumerate(ranks_of(report, cell)):
+        scales = rank["loss_scales"]
+        assert [i for i, loss in enumerate(rank["losses"]) if not math.isfinite(loss)] == [first, second]
+        assert not rank["applied"][first] and not rank["applied"][second]
+        assert rank["changed_by_overflow_step"] == []
+        assert scales[second] < scales[first - 1], f"rank {number}: loss scale {scales[first - 1]} -> {scales[second]}"
+        assert all(rank["applied"][second + 1:]), f"rank {number}: a later step was skipped"
+        assert rank["nonfinite"] == []
+
+
+def assert_same_loss_trace(first, again, cell):
+    """A new process with the same seed and configuration repeats every rank's losses exactly."""
+    for first_rank, again_rank in zip(ranks_of(first, cell), ranks_of(again, cell)):
+        assert len(again_rank["losses"]) == len(first_rank["losses"])
+        assert list(map(repr, again_rank["losses"])) == list(map(repr, first_rank["losses"]))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_learns(learned, cell):
+    if not (FULL_MATRIX or cell in LEARN_IN_CI):
+        pytest.skip(f"{LEARN_STEPS} steps in every cell are too slow for CI: FULL_MATRIX=1 runs them (TESTING.md)")
+    assert_learns(learned[cell], cell)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_parameter_with_a_gradient_moves(checked, cell, request):
+    idle = assert_every_parameter_with_a_gradient_moves(checked[0][cell], cell)
+    if idle:
+        request.config.stash.setdefault(IDLE_EXPERTS, []).append(f"{cell}: {', '.join(idle)}")
+
+
+@pytest.mark.parametrize("cell", [cell for cell in CELLS if parse_cell(cell)[3] == 2])
+def test_two_ranks_agree_and_hold_their_experts(checked, cell):
+    assert_ranks_agree_and_hold_their_experts(checked[0][cell], cell)
+
+
+@pytest.mark.parametrize("cell", [cell for cell in CELLS if cell.startswith("fp16")])
+def test_fp16_overflow_step_is_skipped(checked, cell):
+    assert_fp16_overflow_step_is_skipped(checked[0][cell], cell)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_same_seed_gives_the_same_loss_trace(checked, cell):
+    first, again = checked
+    assert_same_loss_trace(first[cell], again[cell], cell)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: runs the whole matrix on them")
+def test_every_cell_on_cuda(tmp_path):
+    """The whole matrix, every invariant, on CUDA with NCCL (native fp16 and bf16)."""
+    first, again, learned = {}, {}, {}
+    for world in (1, 2):
+        cells = [cell for cell in CELLS if parse_cell(cell)[3] == world]
+        first.update(train(tmp_path, "first", cells, world, CHECK_STEPS, "--checks", accelerator="cuda"))
+        again.update(train(tmp_path, "again", cells, world, CHECK_STEPS, accelerator="cuda"))
+        learned.update(train(tmp_path, "learned", cells, world, LEARN_STEPS, "--evaluate", accelerator="cuda"))
+    failures = []
+    for cell in CELLS:
+        checks = [(assert_learns, learned[cell]), (assert_every_parameter_with_a_gradient_moves, first[cell]),
+                  (assert_same_loss_trace, first[cell], again[cell])]
+        if parse_cell(cell)[3] == 2:
+            checks.append((assert_ranks_agree_and_hold_their_experts, first[cell]))
+        if cell.startswith("fp16"):
+            checks.append((assert_fp16_overflow_step_is_skipped, first[cell]))
+        for check, *reports in checks:
+            try:
+                check(*reports, cell)
+            except AssertionError as e:
+                failures.append(f"{cell}: {check.__name__}: {e}")
+    assert not failures, "\n".join(failures)

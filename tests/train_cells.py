@@ -1,0 +1,236 @@
+"""Train cells of the configuration matrix in one launch and report what each showed.
+
+tests/test_matrix.py launches it with DeepSpeed's launcher, once per world size:
+
+    deepspeed --num_gpus 2 tests/train_cells.py --report report.json fp16-zero2-top1-w2-ep2 ...
+
+A cell is a dtype, a ZeRO stage, a model, a world size and an expert-parallel
+size. Each cell builds the script's config, Net and engine from its flags and
+trains with the script's train_step on the synthetic data, one epoch of
+--steps steps, recording every step's loss, loss scale and whether the step
+was applied. With --checks it also records which parameters the optimizer
+moved at the last step (their fp32 master copies), whether the model's copies
+equal their masters, how many tokens each expert got there, and the parameters
+every rank ends with; in fp16 cells two steps get infinite inputs, as in an
+overflow. With --evaluate it records the test accuracy. Rank 0 writes the
+report; the tests assert on it.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import traceback
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.utils import safe_get_full_fp32_param
+from torch._utils import _unflatten_dense_tensors
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cifar10_deepspeed  # noqa: E402
+
+MODELS = {
+    "dense": [],
+    "top1": ["--moe", "--num-experts", "2"],
+    "top2": ["--moe", "--num-experts", "2", "--top-k", "2"],
+    "rsample": ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"],
+    "prmoe": ["--moe", "--num-experts", "2", "4", "--mlp-type", "residual", "--noisy-gate-policy", "RSample"],
+}
+CELL = re.compile(r"^(?P<dtype>fp32|bf16|fp16)-zero(?P<stage>[0-3])-(?P<model>\w+)-w(?P<world>[12])(-ep(?P<ep>[12]))?$")
+OVERFLOW_STEPS = (4, 5)  # two in a row: with hysteresis 2 the scale drops at the second
+SEED = 0
+
+
+def all_cells():
+    """Every cell the script accepts: models x dtypes x stages x (world, EP), without rejected mixes."""
+    cells = []
+    for model in MODELS:
+        for dtype in ("fp32", "bf16", "fp16"):
+            for stage in (0, 1, 2, 3):
+                if model == "dense":
+                    cells += [f"{dtype}-zero{stage}-dense-w{world}" for world in (1, 2)]
+                elif stage < 3:  # MoE with ZeRO-3 is rejected
+                    cells += [f"{dtype}-zero{stage}-{model}-w{world}-ep{ep}" for world, ep in ((1, 1), (2, 1), (2, 2))]
+    return cells
+
+
+def parse_cell(cell):
+    match = CELL.match(cell)
+    if not match or match["model"] not in MODELS:
+        raise ValueError(f"not a cell: {cell}")
+    return match["dtype"], int(match["stage"]), match["model"], int(match["world"]), int(match["ep"] or 1)
+
+
+def cell_flags(cell, steps):
+    dtype, stage, model, world, ep = parse_cell(cell)
+    flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * steps),
+             "--synthetic-test-size", "400", "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
+             *MODELS[model]]
+    if model != "dense":
+        flags += ["--ep-world-size", str(ep), "--moe-param-group"]
+    return flags
+
+
+def parameter_snapshot(model_engine):
+    """Every parameter as the model holds it (gathered under ZeRO-3) and as the optimizer's fp32 master copy."""
+    named = list(model_engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=model_engine.zero_optimization_stage() == 3):
+        model = {name: p.detach().clone() for name, p in named}
+    masters = fp16_master_weights(model_engine.optimizer)
+    master = {}
+    for name, p in named:
+        value = safe_get_full_fp32_param(p)  # ZeRO 1-3 and bf16 keep linked fp32 copies
+        if value is None:
+            value = masters.get(id(p), p)  # fp16 without ZeRO: the optimizer's flat copy; fp32: the parameter
+        master[name] = value.detach().float().clone()
+    return {"model": model, "master": master}
+
+
+def fp16_master_weights(optimizer):
+    """fp16 without ZeRO: each parameter's fp32 copy in DeepSpeed's FP16_Optimizer, by parameter id."""
+    if not hasattr(optimizer, "fp32_groups_flat"):
+        return {}
+    return {id(p): master for flat, params in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)
+            for p, master in zip(params, _unflatten_dense_tensors(flat, params))}
+
+
+def changed(before, after, kind):
+    """Names of the parameters whose `kind` ("model" or "master") values differ between two snapshots."""
+    return [name for name in before[kind] if not torch.equal(before[kind][name], after[kind][name])]
+
+
+def expert_of(name, net):
+    """(layer, global expert index) of an expert parameter, or None for any other parameter."""
+    match = re.match(r"moe_layers\.(\d+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.", name)
+    if not match:
+        return None
+    layer = net.moe_layers[int(match[1])]
+    ep_rank = dist.get_rank(group=layer.deepspeed_moe.ep_group)
+    return int(match[1]), ep_rank * layer.num_local_experts + int(match[2])
+
+
+def train_cell(cell, steps, checks, evaluate):
+    """Train one cell; return this rank's record: losses always, `checks` and test accuracy when asked."""
+    dtype, stage, model, world, ep = parse_cell(cell)
+    args = cifar10_deepspeed.add_argument(cell_flags(cell, steps))
+    config = cifar10_deepspeed.get_ds_config(args)
+    reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
+    if reason:
+        raise ValueError(reason)
+    cifar10_deepspeed.allow_emulated_fp16(config)
+    args.data_workers = 0
+    model_engine, trainloader, testset = cifar10_deepspeed.initialize(args, config)
+    local_device = get_accelerator().device_name(model_engine.local_rank)
+    target_dtype = cifar10_deepspeed.input_dtype(model_engine)
+    net, criterion = model_engine.module, nn.CrossEntropyLoss()
+    record = {"losses": [], "loss_scales": [], "applied": []}
+    for i, (inputs, labels) in enumerate(trainloader):
+        if dtype == "fp16" and i in OVERFLOW_STEPS:
+            inputs = torch.full_like(inputs, float("inf"))  # non-finite activations and gradients
+        watched = checks and i in (OVERFLOW_STEPS[0], steps - 1)
+        if watched:
+            before = parameter_snapshot(model_engine)
+        loss = cifar10_deepspeed.train_step(model_engine, criterion, inputs, labels, local_device, target_dtype)
+        record["losses"].append(loss.item())
+        record["loss_scales"].append(model_engine._get_optimizer_loss_scale() if dtype == "fp16" else None)
+        record["applied"].append(model_engine.was_step_applied())
+        if watched and i == OVERFLOW_STEPS[0]:
+            after = parameter_snapshot(model_engine)
+            record["changed_by_overflow_step"] = changed(before, after, "master") + changed(before, after, "model")
+        elif watched:
+            record.update(last_step(net, before, parameter_snapshot(model_engine)))
+    if checks:
+        record.update(final_state(net, parameter_snapshot(model_engine)["model"]))
+    if evaluate:
+        class_correct, class_total = cifar10_deepspeed.count_correct(
+            model_engine, testset, local_device, target_dtype, test_batch_size=50,
+            shard=cifar10_deepspeed.can_shard_eval(args, model_engine))
+        record["accuracy"] = 100 * sum(class_correct) / sum(class_total)
+    model_engine.destroy()
+    return record
+
+
+def last_step(net, before, after):
+    """What the last step did: each parameter's master moved? model equal to its master, rounded to its dtype?
+
+    Also the tokens each expert got there, summed over ranks.
+    """
+    moved = set(changed(before, after, "master"))
+    params = [{"name": name, "expert": expert_of(name, net), "moved": name in moved,
+               "matches_master": torch.equal(model, after["master"][name].to(model.dtype))}
+              for name, model in after["model"].items()]
+    if not net.moe:
+        return {"params": params}
+    counts = torch.cat([c.float() for c in net.expert_counts])
+    dist.all_reduce(counts)
+    return {"params": params,
+            "tokens": [c.tolist() for c in counts.split([layer.num_experts for layer in net.moe_layers])]}
+
+
+def final_state(net, final):
+    """The parameters this rank ends with, which are not finite, which are experts; its experts per layer."""
+    return {"final": {name: p.float() for name, p in final.items()},
+            "nonfinite": [name for name, p in final.items() if not torch.isfinite(p).all()],
+            "expert_params": [name for name, p in net.named_parameters() if is_moe_param(p)],
+            "local_experts": [len(layer.deepspeed_moe.experts.deepspeed_experts) for layer in net.moe_layers]
+            if net.moe else []}
+
+
+def compare_ranks(records):
+    """Largest difference between rank 0's and rank 1's shared parameters and their experts."""
+    finals = [record.pop("final", None) for record in records]
+    if len(finals) == 1 or finals[0] is None:
+        return {}
+    first, second = finals
+    experts = set(records[0]["expert_params"])
+    shared = [(first[n] - second[n]).abs().max().item() for n in first if n not in experts]
+    expert = [(first[n] - second[n]).abs().max().item() for n in first if n in experts]
+    return {"shared_max_diff": max(shared), "expert_min_diff": min(expert, default=None),
+            "expert_max_diff": max(expert, default=None)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cells", nargs="+")
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--steps", type=int, default=14, help="training steps per cell (one epoch)")
+    parser.add_argument("--checks", action="store_true", help="record what moved, what each rank holds, overflows")
+    parser.add_argument("--evaluate", action="store_true", help="record the test accuracy")
+    parser.add_argument("--local_rank", type=int)
+    options = parser.parse_args()
+
+    cifar10_deepspeed.use_share_of_cores()
+    deepspeed.init_distributed()
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    report = {}
+    for cell in options.cells:
+        try:
+            record = train_cell(cell, options.steps, options.checks, options.evaluate)
+            error = None
+        except Exception:
+            record, error = {}, traceback.format_exc(limit=-3)
+        records = [None] * dist.get_world_size()
+        dist.all_gather_object(records, record)
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        if dist.get_rank() == 0:
+            errors = [e for e in errors if e]
+            if errors:
+                report[cell] = {"error": errors[0]}
+            else:
+                report[cell] = {**compare_ranks(records), "ranks": records}
+            print(f"cell {cell}: {'error' if errors else 'done'}", flush=True)
+    if dist.get_rank() == 0:
+        with open(options.report, "w") as f:
+            json.dump(report, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
