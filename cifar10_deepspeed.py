@@ -640,6 +640,14 @@ def allow_emulated_fp16(config):
             "running fp16 as PyTorch emulates it (slower than --dtype bf16 or fp32)")
 
 
+def start_distributed():
+    """Join the process group a launcher set up (or a one-rank group), on this rank's device and cores."""
+    use_single_process_defaults()
+    use_share_of_cores()
+    deepspeed.init_distributed()
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+
+
 def initialize(args, config):
     """Seed, load the data (rank 0 first), build the Net and hand it to deepspeed.initialize.
 
@@ -692,12 +700,7 @@ def main(args):
     if args.metrics_dir:
         config["csv_monitor"] = {"enabled": True, "output_path": args.metrics_dir, "job_name": "cifar10"}
 
-    use_single_process_defaults()
-    use_share_of_cores()
-    deepspeed.init_distributed()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    get_accelerator().set_device(local_rank)
-
+    start_distributed()
     model_engine, trainloader, testset = initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = input_dtype(model_engine)

@@ -70,7 +70,7 @@ def parse_cell(cell):
 def cell_flags(cell, steps):
     dtype, stage, model, world, ep = parse_cell(cell)
     flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * steps),
-             "--synthetic-test-size", "400", "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
+             "--synthetic-test-size", "400", "--data-workers", "0", "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
              *MODELS[model]]
     if model != "dense":
         flags += ["--ep-world-size", str(ep), "--moe-param-group"]
@@ -117,14 +117,13 @@ def expert_of(name, net):
 
 def train_cell(cell, steps, checks, evaluate):
     """Train one cell; return this rank's record: losses always, `checks` and test accuracy when asked."""
-    dtype, stage, model, world, ep = parse_cell(cell)
+    dtype = parse_cell(cell)[0]
     args = cifar10_deepspeed.add_argument(cell_flags(cell, steps))
     config = cifar10_deepspeed.get_ds_config(args)
     reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
     if reason:
         raise ValueError(reason)
     cifar10_deepspeed.allow_emulated_fp16(config)
-    args.data_workers = 0
     model_engine, trainloader, testset = cifar10_deepspeed.initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = cifar10_deepspeed.input_dtype(model_engine)
@@ -205,22 +204,18 @@ def main():
     parser.add_argument("--local_rank", type=int)
     options = parser.parse_args()
 
-    cifar10_deepspeed.use_share_of_cores()
-    deepspeed.init_distributed()
-    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    cifar10_deepspeed.start_distributed()
     report = {}
     for cell in options.cells:
         try:
-            record = train_cell(cell, options.steps, options.checks, options.evaluate)
-            error = None
+            outcome = train_cell(cell, options.steps, options.checks, options.evaluate), None
         except Exception:
-            record, error = {}, traceback.format_exc(limit=-3)
-        records = [None] * dist.get_world_size()
-        dist.all_gather_object(records, record)
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+            outcome = {}, traceback.format_exc(limit=-3)
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
         if dist.get_rank() == 0:
-            errors = [e for e in errors if e]
+            records = [record for record, _ in outcomes]
+            errors = [error for _, error in outcomes if error]
             if errors:
                 report[cell] = {"error": errors[0]}
             else:
