@@ -3,8 +3,8 @@
     python bench/plain_loop.py [-e 2] [--log-interval 50] [--workers N]
 
 One process, fp32. AdamW (DeepSpeed's Adam in its default AdamW mode) with
-the reference's lr, betas, eps and weight decay; gradient clipping at 1.0;
-WarmupLR's log warm-up as a LambdaLR; the synthetic data with the script's
+the lr, betas, eps and weight decay of the script's config; its gradient
+clipping (1.0); DeepSpeed's WarmupLR log warm-up as a LambdaLR; the synthetic data with the script's
 transforms, batch 16, reshuffled each epoch. Prints the reference's loss
 lines and the same throughput lines as cifar10_deepspeed.py, so
 bench/throughput.py reads both alike.
@@ -23,9 +23,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
 
 
-def warmup_lr(step, warmup_num_steps=1000):
-    """DeepSpeed's WarmupLR (log type) as a factor of the peak lr."""
-    return min(1.0, math.log(step + 1) / math.log(warmup_num_steps))
+def warmup_lr(step, scheduler):
+    """DeepSpeed's WarmupLR (log type): the learning rate of optimizer step `step` (0, 1, ...).
+
+    The scheduler starts before the first step, at the minimum, and steps after
+    each: step s runs at iteration s - 1, so the first two steps run at the minimum.
+    """
+    low, high, warmup = scheduler["warmup_min_lr"], scheduler["warmup_max_lr"], scheduler["warmup_num_steps"]
+    iteration = step - 1
+    if iteration < 0:
+        return low
+    gamma = math.log(iteration + 1) / math.log(warmup) if iteration < warmup else 1.0
+    return low + (high - low) * gamma
 
 
 def main():
@@ -44,8 +53,11 @@ def main():
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True, num_workers=workers,
                                               persistent_workers=workers > 0)
     net = cifar10_deepspeed.Net(net_args)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=0.001, betas=(0.8, 0.999), eps=1e-8, weight_decay=3e-7)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lr)
+    config = cifar10_deepspeed.get_ds_config(net_args)
+    adam, warmup = config["optimizer"]["params"], config["scheduler"]["params"]
+    optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
+                                  weight_decay=adam["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_lr(step, warmup) / adam["lr"])
     criterion = nn.CrossEntropyLoss()
 
     for epoch in range(args.epochs):
@@ -55,7 +67,7 @@ def main():
             optimizer.zero_grad()
             loss = criterion(net(inputs), labels)
             loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
             optimizer.step()
             scheduler.step()
             running_loss += loss.detach()

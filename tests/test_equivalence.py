@@ -2,7 +2,8 @@
 
 The hand-written loop applies what the script's config asks for: Adam in
 AdamW mode (decoupled weight decay) with the config's betas, eps and weight
-decay, gradient clipping to the config's norm, and WarmupLR's log schedule.
+decay, gradient clipping to the config's norm, and WarmupLR's log schedule
+(bench/plain_loop.py's warmup_lr, which the throughput baseline uses too).
 The MoE layer's forward (DeepSpeed's gate math) is shared; only the training
 machinery differs. Both loops see the same batches and the same random draws.
 """
@@ -15,23 +16,10 @@ import torch
 import torch.nn as nn
 
 import cifar10_deepspeed
+from bench.plain_loop import warmup_lr
 from cifar10_deepspeed import Net, get_ds_config, train_step
 
 STEPS = 25
-
-
-def warmup_lr(step, scheduler):
-    """WarmupLR with warmup_type log: the learning rate of optimizer step `step` (0, 1, ...).
-
-    The scheduler starts before the first step, at the minimum, and steps after
-    each: step s runs at iteration s - 1, so the first two steps run at the minimum.
-    """
-    low, high, warmup = scheduler["warmup_min_lr"], scheduler["warmup_max_lr"], scheduler["warmup_num_steps"]
-    iteration = step - 1
-    if iteration < 0:
-        return low
-    gamma = math.log(iteration + 1) / math.log(warmup) if iteration < warmup else 1.0
-    return low + (high - low) * gamma
 
 
 def adamw_step(params, grads, moments, step, lr, betas, eps, weight_decay):
@@ -83,8 +71,8 @@ def batches(args):
                                    ["--moe", "--num-experts", "2", "4", "--mlp-type", "residual", "--top-k", "2"]],
                          ids=["dense", "moe-top1-rsample", "pr-moe-top2"])
 def test_deepspeed_step_is_adamw_with_clipping_and_warmup(single_rank_group, parse, flags):
-    args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * STEPS), "--dtype", "fp32",
-                 "--stage", "0", *flags)
+    args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * STEPS),
+                 "--synthetic-test-size", "1", "--dtype", "fp32", "--stage", "0", *flags)
     config = get_ds_config(args)
     torch.manual_seed(0)
     net = Net(args)
