@@ -337,7 +337,12 @@ def stop(message, every_rank=False):
 
 
 def load_data_rank_zero_first(args):
-    """Rank 0 loads (and downloads) first while the others wait; a failure stops every rank."""
+    """Rank 0 loads (and downloads) first while the others wait; a failure stops every rank.
+
+    Generated data needs no download, so there every rank makes its own at once.
+    """
+    if args.dataset == "synthetic":
+        return load_datasets(args, download=False)
     rank = dist.get_rank()
     if rank != 0:
         dist.barrier()
@@ -649,7 +654,7 @@ def start_distributed():
 
 
 def initialize(args, config):
-    """Seed, load the data (rank 0 first), build the Net and hand it to deepspeed.initialize.
+    """Seed, load the data (CIFAR-10 rank 0 first), build the Net and hand it to deepspeed.initialize.
 
     Returns the engine, its training data loader and the test set.
     """

@@ -8,7 +8,9 @@ reads the throughput lines both programs print and reports the samples per
 second (median over rounds of the mean over log intervals after the first),
 the ratio to the plain loop, and the seconds from launch to the first
 training step (the time of the first throughput line less the interval it
-measured). Prints a Markdown table.
+measured), and for launcher runs the part of it before DeepSpeed's launcher
+spawned the ranks (when it logs "spawned with command"). Prints a Markdown
+table.
 """
 
 import argparse
@@ -37,13 +39,16 @@ THROUGHPUT = re.compile(r"^\[\d+, +\d+\] (\d+) samples/s, ")
 
 
 def measure(cmd, env, epochs):
-    """Run once; return (mean samples/s over the intervals after the first, seconds to the first step)."""
+    """Run once; return (mean samples/s over the intervals after the first, seconds to the first step,
+    seconds until the launcher spawned the ranks or None)."""
     start = time.perf_counter()
     proc = subprocess.Popen([*cmd, "-e", str(epochs)], env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    speeds, startup, output = [], None, []
+    speeds, startup, launcher, output = [], None, None, []
     for line in proc.stdout:
         output.append(line)
+        if launcher is None and "spawned with command" in line:
+            launcher = time.perf_counter() - start
         match = THROUGHPUT.match(line)
         if match:
             speeds.append(int(match.group(1)))
@@ -51,7 +56,7 @@ def measure(cmd, env, epochs):
                 startup = time.perf_counter() - start - LOG_INTERVAL * 16 / speeds[0]
     if proc.wait() != 0 or len(speeds) < 2:
         sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{''.join(output[-30:])}")
-    return statistics.mean(speeds[1:]), startup
+    return statistics.mean(speeds[1:]), startup, launcher
 
 
 def main():
@@ -63,15 +68,16 @@ def main():
     for _ in range(args.rounds):
         for name, cmd, env in CONFIGS:
             results[name].append(measure(cmd, env, args.epochs))
-    plain = statistics.median(speed for speed, _ in results[CONFIGS[0][0]])
-    one_rank = statistics.median(speed for speed, _ in results[CONFIGS[1][0]])
+    plain = statistics.median(run[0] for run in results[CONFIGS[0][0]])
+    one_rank = statistics.median(run[0] for run in results[CONFIGS[1][0]])
     print(f"| configuration ({os.cpu_count()} cores, fp32, batch 16) | samples/s | vs plain PyTorch "
-          "| vs DeepSpeed 1 rank | start-up s |")
-    print("| --- | --- | --- | --- | --- |")
+          "| vs DeepSpeed 1 rank | start-up s | of which launcher s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, runs in results.items():
-        speed = statistics.median(s for s, _ in runs)
-        startup = statistics.median(t for _, t in runs)
-        print(f"| {name} | {speed:.0f} | {speed / plain:.2f} | {speed / one_rank:.2f} | {startup:.1f} |")
+        speed, startup, launcher = (statistics.median(column) if None not in column else None
+                                    for column in zip(*runs))
+        launcher = "-" if launcher is None else f"{launcher:.1f}"
+        print(f"| {name} | {speed:.0f} | {speed / plain:.2f} | {speed / one_rank:.2f} | {startup:.1f} | {launcher} |")
 
 
 if __name__ == "__main__":
