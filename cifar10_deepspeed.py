@@ -559,13 +559,13 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
     criterion = nn.CrossEntropyLoss()
     net = model_engine.module
     expert_load = ExpertLoad(net, local_device) if args.moe else None
+    aux_loss_coef = args.moe_aux_loss_coef if args.moe else 0.0  # a dense Net has no gate, so no aux loss
     for epoch in range(start_epoch, args.epochs):
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
         step_losses = []  # (samples seen, loss) of each step, on the device: read only at log intervals
         epoch_start = interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
-            loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype,
-                              args.moe_aux_loss_coef)
+            loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef)
             if expert_load:
                 expert_load.add(net)
             step_losses.append((model_engine.global_samples, loss))

@@ -22,6 +22,12 @@ def test_dense_fp32_one_rank_reaches_50_percent_in_3_epochs(launch, root):
     assert run.output.count("[3,   300] loss:") == 1  # rank 0 prints, once per interval
 
 
+def test_dense_run_ignores_the_moe_aux_loss_coef(launch, script):
+    run = launch("python", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", *ONE_EPOCH,
+                 "--moe-aux-loss-coef", "0.01")
+    run.assert_trained(min_accuracy=40)
+
+
 def test_moe_ep2_as_run_ds_moe_runs_it(launch, root):
     run = launch(root / "run_ds_moe.sh", *SYNTHETIC, *ONE_EPOCH)
     run.assert_trained(min_accuracy=25)
