@@ -55,7 +55,8 @@ def main():
     backend = milliseconds(lambda: dist.all_to_all_single(torch.empty_like(dispatch), dispatch))
     rows.append(f"| all_to_all, MoE dispatch | {dispatch.numel()} | {backend:.3f} | - | - |")
     if dist.get_rank() == 0:
-        print(f"| collective ({dist.get_world_size()} ranks, fp32) | elements | {get_accelerator().communication_backend_name()} ms "
+        backend_name = get_accelerator().communication_backend_name()
+        print(f"| collective ({dist.get_world_size()} ranks, fp32) | elements | {backend_name} ms "
               "| DeepSpeed shm ms | ratio |")
         print("| --- | --- | --- | --- | --- |")
         print("\n".join(rows))
