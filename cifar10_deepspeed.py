@@ -9,6 +9,7 @@ with DeepSpeed's launcher, torchrun, or plain python (one process):
 """
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -99,6 +100,11 @@ def build_parser():
                         help="evaluate every N epochs (default: 0, only at the end)")
     parser.add_argument("--metrics-dir", default=None,
                         help="write metrics as CSV files here with DeepSpeed's CSV monitor (plot: plot_metrics.py)")
+
+    # Several processes and nodes: beyond the reference.
+    parser.add_argument("--dist-timeout", default=None, type=float, metavar="MINUTES",
+                        help="how long a rank waits for its peers in a collective before the run fails "
+                             "(default: DeepSpeed's, 30)")
 
     return deepspeed.add_config_arguments(parser)
 
@@ -202,6 +208,8 @@ def check_args(args, config, world_size):
         return f"--data-workers must not be negative, got {args.data_workers}"
     if args.eval_every < 0:
         return f"--eval-every must not be negative, got {args.eval_every}"
+    if args.dist_timeout is not None and args.dist_timeout <= 0:
+        return f"--dist-timeout must be positive, got {args.dist_timeout}"
     if args.capacity_factor <= 0 or args.eval_capacity_factor <= 0:
         return "--capacity-factor and --eval-capacity-factor must be positive"
     if args.moe_aux_loss_coef < 0:
@@ -228,8 +236,12 @@ def check_args(args, config, world_size):
 class Net(nn.Module):
     """LeNet-style CNN; with --moe its last hidden layer feeds one DeepSpeed MoE layer per --num-experts entry.
 
-    After each forward pass, `aux_losses` and `expert_counts` hold every MoE
-    layer's gate aux loss and the number of tokens routed to each expert.
+    Attribute names and construction order are the reference's, so its state_dict
+    keys and, after the same seed, its initial weights are too. Every MoE layer is
+    given the one expert template (its experts start as copies of it; with
+    --mlp-type residual the layers share it as their dense MLP). After each forward
+    pass, `aux_losses` and `expert_counts` hold every MoE layer's gate aux loss and
+    the number of tokens routed to each expert: plain attributes, no parameters.
     """
 
     def __init__(self, args):
@@ -241,9 +253,10 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(120, 84)
         self.moe = args.moe
         if self.moe:
-            self.moe_layers = nn.ModuleList([
+            expert = nn.Linear(84, 84)
+            self.moe_layer_list = nn.ModuleList([
                 MoE(hidden_size=84,
-                    expert=nn.Linear(84, 84),
+                    expert=expert,
                     num_experts=n,
                     ep_size=args.ep_world_size,
                     use_residual=args.mlp_type == "residual",
@@ -268,7 +281,7 @@ class Net(nn.Module):
         if not self.moe:
             return self.fc3(x)
         self.aux_losses, self.expert_counts = [], []
-        for layer in self.moe_layers:
+        for layer in self.moe_layer_list:
             x, aux_loss, expert_counts = layer(x)
             self.aux_losses.append(aux_loss)
             self.expert_counts.append(expert_counts)
@@ -329,37 +342,66 @@ def stop(message, every_rank=False):
     """End this rank with a one-line error and exit status 1.
 
     The line is printed once per node, for errors every rank meets; with
-    every_rank, by this rank, for errors that may be its own.
+    every_rank, by this rank, for errors that may be its own. For errors every
+    rank meets, the ranks leave together: the launcher kills the other ranks as
+    soon as one exits, which could otherwise come before the printing rank has
+    printed. A dead peer ends that wait at once.
     """
     if every_rank or int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    if not every_rank and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+    leave(1)
 
 
-def load_data_rank_zero_first(args):
-    """Rank 0 loads (and downloads) first while the others wait; a failure stops every rank.
+def leave(status):
+    """End this rank at once with exit `status`, skipping the interpreter's teardown.
 
-    Generated data needs no download, so there every rank makes its own at once.
+    DeepSpeed keeps references to its process groups, so PyTorch's gloo worker
+    threads outlive destroy_process_group(). One of them can still be releasing
+    the last collective's tensors when Python finalizes; freeing a tensor made in
+    Python takes the GIL, a finalizing interpreter ends the thread instead, and
+    the process aborts after its results ("terminate called without an active
+    exception", exit -6; pytorch/pytorch#190489). Nothing is left to tear down:
+    every file this script writes is closed by then.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def load_data(args):
+    """Load the datasets. CIFAR-10 is downloaded once per data directory: global rank 0 first.
+
+    Rank 0 loads (downloading if needed) while every other rank waits. Then the
+    first rank of each other node loads, downloading into its own --data-dir if
+    that node's lacks the data (a directory shared with rank 0 it finds complete
+    and checked), while the rest of its node waits. Then the rest load. No rank
+    reads an archive another is still writing, and a failure on any node stops
+    every rank with one line. Generated data needs no download: every rank makes
+    its own at once.
     """
     if args.dataset == "synthetic":
         return load_datasets(args, download=False)
-    rank = dist.get_rank()
-    if rank != 0:
-        dist.barrier()
-    error = [None]
-    if rank == 0:
-        try:
-            datasets = load_datasets(args, download=True)
-        except (OSError, RuntimeError) as e:
-            error[0] = (f"CIFAR-10 is not in {args.data_dir} and could not be downloaded ({e}). "
-                        f"Place {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) in {args.data_dir}, "
-                        f"or train offline on generated data with --dataset synthetic.")
-        dist.barrier()
-    dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        stop(error[0])
-    if rank != 0:
-        datasets = load_datasets(args, download=False)
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    turns = (dist.get_rank() == 0, first_on_node and dist.get_rank() != 0, not first_on_node)
+    datasets = None
+    for my_turn in turns:
+        error = None
+        if my_turn:
+            try:
+                datasets = load_datasets(args, download=first_on_node)
+            except (OSError, RuntimeError) as e:
+                error = (f"CIFAR-10 is not in {args.data_dir} and could not be downloaded ({e}). "
+                         f"Place {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) in {args.data_dir}, "
+                         f"or train offline on generated data with --dataset synthetic.")
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)  # also the barrier that ends this turn
+        if any(errors):
+            stop(next(e for e in errors if e))
     return datasets
 
 
@@ -396,22 +438,33 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, s
     class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
                                                test_batch_size, shard)
     if dist.get_rank() == 0:
-        total = sum(class_total)
-        print(f"Accuracy of the network on the {total} test images: {100 * sum(class_correct) // total} %")
-        for name, correct, count in zip(CLASSES, class_correct, class_total):
-            if count:
-                print(f"Accuracy of {name:5s} : {100 * correct / count:2.0f} %")
-            else:
-                print(f"Accuracy of {name:5s} : n/a (no test images)")
+        print("\n".join(accuracy_lines(class_correct, class_total)))
     return sum(class_correct) / sum(class_total)
+
+
+def accuracy_lines(class_correct, class_total):
+    """The reference's accuracy lines, to the character: overall, then one per class.
+
+    Percentages are rounded (half to even, as Python's format rounds) and printed
+    with a space for the sign. A class with no test image, where the reference
+    divides by zero, gets an `n/a` line instead.
+    """
+    total = sum(class_total)
+    lines = [f"Accuracy of the network on the {total} test images: {100 * sum(class_correct) / total: .0f} %"]
+    for name, correct, count in zip(CLASSES, class_correct, class_total):
+        if count:
+            lines.append(f"Accuracy of {name:>5s} : {100 * correct / count: 2.0f} %")
+        else:
+            lines.append(f"Accuracy of {name:>5s} : n/a (no test images)")
+    return lines
 
 
 class ExpertLoad:
     """Tokens routed to each expert, and the gate aux loss, of every MoE layer over one log interval."""
 
     def __init__(self, net, device):
-        self.counts = [torch.zeros(layer.num_experts, device=device) for layer in net.moe_layers]
-        self.aux_losses = torch.zeros(len(net.moe_layers), device=device)
+        self.counts = [torch.zeros(layer.num_experts, device=device) for layer in net.moe_layer_list]
+        self.aux_losses = torch.zeros(len(net.moe_layer_list), device=device)
         self.steps = 0
 
     def add(self, net):
@@ -445,12 +498,22 @@ def write_step_losses(model_engine, step_losses):
     return losses
 
 
+def batch_label(epoch, batch):
+    """`[ 1,  2000]`: epoch and batch (counted from 1) as the reference's loss line starts, sign spaces included."""
+    return f"[{epoch: d}, {batch: 5d}]"
+
+
+def loss_line(epoch, batch, mean_loss):
+    """The reference's running-loss line, to the character: `[ 1,  2000] loss:  2.304`."""
+    return f"{batch_label(epoch, batch)} loss: {mean_loss: .3f}"
+
+
 def log_progress(model_engine, epoch, step, mean_loss, seconds, steps_per_epoch, log_interval, expert_load):
     """Rank 0 prints the reference's loss line, then throughput and expert load; metrics go to the monitor."""
-    prefix = f"[{epoch + 1}, {step + 1:5d}]"
+    prefix = batch_label(epoch + 1, step + 1)
     samples_per_sec = log_interval * model_engine.train_batch_size() / seconds
     events = [("Train/Samples/samples_per_sec", samples_per_sec, model_engine.global_samples)]
-    lines = [f"{prefix} loss: {mean_loss:.3f}",
+    lines = [loss_line(epoch + 1, step + 1, mean_loss),
              f"{prefix} {samples_per_sec:.0f} samples/s, {seconds / log_interval * steps_per_epoch:.1f} s/epoch"]
     if expert_load:
         shares, aux_losses = expert_load.summarize()
@@ -478,14 +541,16 @@ def save_checkpoint(model_engine, args, epoch):
     """Save the finished epoch with DeepSpeed's save_checkpoint under the tag epoch<N>.
 
     run.json is written first and DeepSpeed's 'latest' file last, so 'latest'
-    always names a complete checkpoint that says which run saved it. The
-    client state holds the epoch and every rank's random-number state.
+    always names a complete checkpoint that says which run saved it; for MoE it
+    also names the MoE layers' module, which earlier versions of this script
+    called moe_layers. The client state holds the epoch and every rank's
+    random-number state.
     """
     tag = f"epoch{epoch + 1}"
     if dist.get_rank() == 0:
         os.makedirs(os.path.join(args.save_dir, tag), exist_ok=True)
         with open(os.path.join(args.save_dir, tag, "run.json"), "w") as f:
-            json.dump(run_description(args, model_engine), f)
+            json.dump({**run_description(args, model_engine), "moe_module": "moe_layer_list" if args.moe else None}, f)
     client_state = {"epoch": epoch + 1, "rng_states": gather_rng_states()}
     model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state)
 
@@ -514,6 +579,10 @@ def resume(model_engine, args):
             saved = json.load(f)
     except (OSError, ValueError):
         stop(f"--resume: checkpoint {path} is incomplete (no readable run.json)")
+    if saved.get("moe") and saved.get("moe_module") != "moe_layer_list":
+        stop(f"--resume: checkpoint {path} was saved by an earlier version of this script, whose MoE layers were "
+             f"named moe_layers (now moe_layer_list, as in the reference), so its weights do not load here; "
+             f"start a new run with another --save-dir")
     changed = [f"{key} {saved.get(key)} -> {value}" for key, value in run_description(args, model_engine).items()
                if saved.get(key) != value]
     if changed:
@@ -629,27 +698,45 @@ def data_loader_workers():
     return min(4, cores_per_rank() - 1)
 
 
-def allow_emulated_fp16(config):
-    """Run fp16 where DeepSpeed's probe finds no fast fp16 kernels (most CPUs) but PyTorch computes it.
+def allow_fp16(config):
+    """Run fp16 where DeepSpeed's probe finds no fast fp16 kernels (most CPUs), and say when fp16 will be slow.
 
     DeepSpeed refuses fp16 when the accelerator reports no native support; the
     reference's default --dtype fp16 would then crash on a laptop CPU. PyTorch
-    still computes fp16 there (more slowly), so tell DeepSpeed to go ahead and
-    say so. Returns that note, or None when nothing was changed.
+    still computes fp16 there, so tell DeepSpeed to go ahead. Where the
+    accelerator computes on the host's cores (DeepSpeed's CPU accelerator), fp16
+    trains slower than fp32, with native fp16 kernels or without (1.5x and 11x
+    measured, BENCHMARKS.md). Returns the one-line note for rank 0, or None.
     """
     accelerator = get_accelerator()
-    if config_dtype(config) != "fp16" or accelerator.is_fp16_supported():
+    if config_dtype(config) != "fp16":
         return None
-    accelerator.is_fp16_supported = lambda: True
-    return (f"note: DeepSpeed finds no native fp16 support on this {accelerator.device_name()}; "
-            "running fp16 as PyTorch emulates it (slower than --dtype bf16 or fp32)")
+    speed = "slower than fp32 (1.5x to 11x measured); pass --dtype fp32 to train faster"
+    if not accelerator.is_fp16_supported():
+        accelerator.is_fp16_supported = lambda: True
+        return (f"note: DeepSpeed finds no native fp16 support on this {accelerator.device_name()}, so fp16 runs "
+                f"as PyTorch emulates it: {speed}")
+    if accelerator.is_synchronized_device():
+        return f"note: fp16 on this {accelerator.device_name()} trains {speed}"
+    return None
 
 
-def start_distributed():
-    """Join the process group a launcher set up (or a one-rank group), on this rank's device and cores."""
+def start_distributed(timeout_minutes=None):
+    """Join the process group a launcher set up (or a one-rank group), on this rank's device and cores.
+
+    A collective that waits longer than `timeout_minutes` for a peer fails the
+    run (DeepSpeed's default: 30 minutes). The timeout must reach every group:
+    torch's new_group() gives a group torch's default, not the world group's,
+    and DeepSpeed makes its own data- and expert-parallel groups.
+    """
     use_single_process_defaults()
     use_share_of_cores()
-    deepspeed.init_distributed()
+    if timeout_minutes is None:
+        deepspeed.init_distributed()
+    else:
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        torch.distributed.distributed_c10d.default_pg_timeout = timeout
+        deepspeed.init_distributed(timeout=timeout)
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
 
 
@@ -660,7 +747,7 @@ def initialize(args, config):
     """
     if args.seed is not None:
         torch.manual_seed(args.seed + dist.get_rank())
-    trainset, testset = load_data_rank_zero_first(args)
+    trainset, testset = load_data(args)
 
     net = Net(args)
     parameters = filter(lambda p: p.requires_grad, net.parameters())
@@ -697,7 +784,7 @@ def main(args):
     if reason:
         print(f"cifar10_deepspeed.py: error: {reason}", file=sys.stderr)
         sys.exit(2)
-    fp16_note = allow_emulated_fp16(config)
+    fp16_note = allow_fp16(config)
     for note in (config_note, fp16_note):
         if note and rank == 0:
             print(note)
@@ -705,7 +792,7 @@ def main(args):
     if args.metrics_dir:
         config["csv_monitor"] = {"enabled": True, "output_path": args.metrics_dir, "job_name": "cifar10"}
 
-    start_distributed()
+    start_distributed(args.dist_timeout)
     model_engine, trainloader, testset = initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = input_dtype(model_engine)
@@ -718,8 +805,9 @@ def main(args):
 
     accuracy = test(model_engine, testset, local_device, target_dtype, shard=shard_eval)
     model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
-    dist.destroy_process_group()  # join the communication threads before exit, which may abort otherwise
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(add_argument())
+    leave(0)

@@ -2,15 +2,42 @@
 # Train with DeepSpeed's launcher. Extra arguments go to cifar10_deepspeed.py.
 #
 # Settings (environment):
-#   NUM_NODES   nodes to launch on (default: the launcher's: this node, or every node of the hostfile)
-#   NUM_GPUS    ranks per node (default: the launcher's: one per GPU, one per NUMA node on CPU)
-#   BIND_CORES  auto (default: bind cores to ranks when numactl is installed), 1 (always) or 0 (never)
+#   NUM_NODES    nodes to launch on (default: the launcher's: this node, or every node of the hostfile)
+#   NUM_GPUS     ranks per node (default: the launcher's: one per GPU, one per NUMA node on CPU)
+#   HOSTFILE     the hostfile, lines of "<host> slots=<ranks>" (default: the launcher's, /job/hostfile)
+#   MASTER_ADDR  address of the node of rank 0 (default: the launcher's: 127.0.0.1 on one node)
+#   MASTER_PORT  its port (default: the launcher's, 29500); another one lets two runs share a machine
+#   LAUNCHER     the launcher to the other nodes: pdsh, openmpi, mvapich, mpich, impi or slurm (default: pdsh)
+#   NODE_RANK    this node's rank, for clusters without ssh: run the same command on every node, each
+#                with its NODE_RANK (DeepSpeed's --no_ssh --node_rank; needs HOSTFILE and MASTER_ADDR)
+#   BIND_CORES   auto (default: bind cores to ranks when numactl is installed), 1 (always) or 0 (never)
 set -euo pipefail
 
 script="$(dirname "$0")/cifar10_deepspeed.py"
+fail() { echo "run_ds.sh: error: $*" >&2; exit 2; }
+
+hostfile="${HOSTFILE:-/job/hostfile}"
+if [[ -n "${HOSTFILE:-}" && ! -f "$HOSTFILE" ]]; then fail "HOSTFILE=$HOSTFILE does not exist"; fi
+if [[ -n "${NUM_NODES:-}" && "$NUM_NODES" -gt 1 ]]; then
+  if [[ ! -f "$hostfile" ]]; then
+    fail "NUM_NODES=$NUM_NODES needs a hostfile listing the nodes: set HOSTFILE (there is no $hostfile)"
+  fi
+  nodes=$(grep -cE '^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$hostfile" || true)
+  if (( nodes < NUM_NODES )); then fail "NUM_NODES=$NUM_NODES but $hostfile lists $nodes node(s)"; fi
+fi
+if [[ -n "${NODE_RANK:-}" ]]; then
+  if [[ ! -f "$hostfile" ]]; then fail "NODE_RANK needs HOSTFILE: the nodes, in the same order on every node"; fi
+  if [[ -z "${MASTER_ADDR:-}" ]]; then fail "NODE_RANK needs MASTER_ADDR: the address of the node of rank 0"; fi
+fi
+
 launcher_args=()
 if [[ -n "${NUM_NODES:-}" ]]; then launcher_args+=(--num_nodes "$NUM_NODES"); fi
 if [[ -n "${NUM_GPUS:-}" ]]; then launcher_args+=(--num_gpus "$NUM_GPUS"); fi
+if [[ -n "${HOSTFILE:-}" ]]; then launcher_args+=(--hostfile "$HOSTFILE"); fi
+if [[ -n "${MASTER_ADDR:-}" ]]; then launcher_args+=(--master_addr "$MASTER_ADDR"); fi
+if [[ -n "${MASTER_PORT:-}" ]]; then launcher_args+=(--master_port "$MASTER_PORT"); fi
+if [[ -n "${LAUNCHER:-}" ]]; then launcher_args+=(--launcher "$LAUNCHER"); fi
+if [[ -n "${NODE_RANK:-}" ]]; then launcher_args+=(--no_ssh --node_rank "$NODE_RANK"); fi
 
 case "${BIND_CORES:-auto}" in
   1) launcher_args+=(--bind_cores_to_rank) ;;
@@ -21,7 +48,7 @@ case "${BIND_CORES:-auto}" in
     else
       echo "run_ds.sh: numactl not found, so cores are not bound to ranks; each rank sizes its thread pool to its share of the cores" >&2
     fi ;;
-  *) echo "run_ds.sh: error: BIND_CORES must be auto, 1 or 0, got '${BIND_CORES}'" >&2; exit 2 ;;
+  *) fail "BIND_CORES must be auto, 1 or 0, got '${BIND_CORES}'" ;;
 esac
 
 exec deepspeed "${launcher_args[@]}" "$script" --deepspeed "$@"

@@ -30,7 +30,7 @@ def run(flags, epochs, seed):
     cmd = [sys.executable, os.path.join(ROOT, "cifar10_deepspeed.py"), "--deepspeed", "--dataset", "synthetic",
            "--dtype", "fp32", "-e", str(epochs), "--log-interval", "100", "--seed", str(seed), *flags]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    accuracy = re.search(r"^Accuracy of the network on the \d+ test images: (\d+) %$", out, re.M).group(1)
+    accuracy = re.search(r"^Accuracy of the network on the \d+ test images:  (\d+) %$", out, re.M).group(1)
     loads = [max(int(x) for x in re.findall(r"(\d+)%", line.split("layer 0:")[1].split(",")[0]))
              for line in out.splitlines() if " expert load: " in line]
     return accuracy, loads

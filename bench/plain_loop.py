@@ -73,8 +73,8 @@ def main():
             running_loss += loss.detach()
             if i % args.log_interval == args.log_interval - 1:
                 seconds = time.perf_counter() - interval_start
-                prefix = f"[{epoch + 1}, {i + 1:5d}]"
-                print(f"{prefix} loss: {running_loss.item() / args.log_interval:.3f}")
+                prefix = f"[{epoch + 1: d}, {i + 1: 5d}]"  # the reference's loss line, as the script prints it
+                print(f"{prefix} loss: {running_loss.item() / args.log_interval: .3f}")
                 print(f"{prefix} {args.log_interval * 16 / seconds:.0f} samples/s, "
                       f"{seconds / args.log_interval * len(trainloader):.1f} s/epoch", flush=True)
                 running_loss.zero_()

@@ -35,7 +35,7 @@ CONFIGS = [
     ("DeepSpeed, dense, 2 ranks (NUM_GPUS=2 run_ds.sh)", [os.path.join(ROOT, "run_ds.sh"), *DATA], {"NUM_GPUS": "2"}),
     ("DeepSpeed, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA], {}),
 ]
-THROUGHPUT = re.compile(r"^\[\d+, +\d+\] (\d+) samples/s, ")
+THROUGHPUT = re.compile(r"^\[ \d+, +\d+\] (\d+) samples/s, ")
 
 
 def measure(cmd, env, epochs):

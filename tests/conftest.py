@@ -1,5 +1,6 @@
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+FAKE_MACHINE = ROOT / "tests" / "fake_machine"
 sys.path.insert(0, str(ROOT))
 
 import cifar10_deepspeed  # noqa: E402
@@ -15,6 +17,7 @@ import cifar10_deepspeed  # noqa: E402
 # Any download the script tries goes to a closed local port: the tests never touch the network.
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
 LAUNCH_TIMEOUT = 600
+LAUNCHED = []  # (process group, command) of every command the tests started
 IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no token, listed after the run
 
 
@@ -51,10 +54,10 @@ class Run:
         self.output = proc.stdout
 
     def losses(self):
-        return [float(x) for x in re.findall(r"^\[\d+, +\d+\] loss: ([\d.]+)$", self.output, re.M)]
+        return [float(x) for x in re.findall(r"^\[ \d+, +\d+\] loss:  (\d+\.\d{3})$", self.output, re.M)]
 
     def accuracy(self):
-        match = re.search(r"^Accuracy of the network on the (\d+) test images: (\d+) %$", self.output, re.M)
+        match = re.search(r"^Accuracy of the network on the (\d+) test images:  (\d+) %$", self.output, re.M)
         assert match, f"no accuracy line in:\n{self.output[-3000:]}"
         return int(match.group(2))
 
@@ -66,21 +69,124 @@ class Run:
         assert self.accuracy() >= min_accuracy, self.output[-1500:]
 
 
-def run_command(cmd, cwd, env=None, timeout=LAUNCH_TIMEOUT):
-    """Run a command offline in `cwd` and return its Run; `env` adds to or overrides the environment."""
+def launch_env(env=None):
+    """The environment of a launch: offline, unbuffered, no process group of the test process's own."""
     full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
         if name not in (env or {}):
             full_env.pop(name, None)  # set by the in-process group fixture; a launch makes its own
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    return Run(proc)
+    return full_env
+
+
+def start(cmd, cwd, env=None, **popen_args):
+    """Start a command in a session of its own, so that it and every rank it spawns can be killed together.
+
+    The suite checks at its end that none of them is left (no_rank_outlives_the_suite).
+    """
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=launch_env(env), start_new_session=True,
+                            text=True, **popen_args)
+    LAUNCHED.append((proc.pid, " ".join(map(str, cmd))))
+    return proc
+
+
+def live_processes(group):
+    """The processes of a process group that are still running (zombies, already dead, are left out)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def kill_group(group):
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def finish(proc, timeout=LAUNCH_TIMEOUT):
+    """Wait for a started command and return what it printed (stdout, stderr).
+
+    Past `timeout` seconds the command and every rank it spawned are killed, and the
+    test fails naming the command and what it printed last.
+    """
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        output = "".join(part or "" for part in proc.communicate())
+        pytest.fail(f"launch timed out after {timeout} s and was killed with its ranks: {' '.join(proc.args)}\n"
+                    f"its last output:\n{output[-3000:]}", pytrace=False)
+
+
+def run_command(cmd, cwd, env=None, timeout=LAUNCH_TIMEOUT):
+    """Run a command offline in `cwd` and return its Run; `env` adds to or overrides the environment."""
+    proc = start(cmd, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = finish(proc, timeout)
+    return Run(subprocess.CompletedProcess(cmd, proc.returncode, output))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_rank_outlives_the_suite():
+    """Fail the session if any process a test launched is still running at its end (and kill it)."""
+    yield
+    survivors = [f"{command} (processes {processes})" for group, command in LAUNCHED
+                 if (processes := live_processes(group))]
+    for group, _ in LAUNCHED:
+        kill_group(group)
+    assert not survivors, "launched processes outlived the suite:\n" + "\n".join(survivors)
+
+
+@pytest.fixture(scope="session")
+def op_cache():
+    """DeepSpeed's CPU ops (fused Adam, shared-memory comm) compiled before any launch is timed.
+
+    On a cold cache the first launch would spend minutes compiling them; warm,
+    this takes a second. Either way no test's duration depends on the cache.
+    """
+    for builder in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+        cifar10_deepspeed.get_accelerator().create_op_builder(builder).load()
 
 
 @pytest.fixture
-def launch(tmp_path):
+def launch(tmp_path, op_cache):
     """Run a command from a fresh working directory (for data), offline."""
     return lambda *cmd, env=None, timeout=LAUNCH_TIMEOUT: run_command(cmd, tmp_path, env, timeout)
+
+
+def path_without(program, folder):
+    """A PATH on which `program` is not found: `folder` holds links to everything else on PATH."""
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for entry in Path(directory).glob("*") if Path(directory).is_dir() else []:
+            link = folder / entry.name
+            if entry.name != program and not link.exists() and not link.is_symlink():
+                link.symlink_to(entry)
+    return str(folder)
+
+
+@pytest.fixture
+def machine(tmp_path):
+    """Environment settings that make a launched run see the machine a test asks for (tests/fake_machine).
+
+    native_fp16: whether DeepSpeed's CPU accelerator reports native fp16 kernels;
+    numactl: whether numactl is installed (a stand-in that runs the command on its cores).
+    """
+    def settings(native_fp16=None, numactl=None):
+        env = {}
+        if native_fp16 is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MACHINE), os.environ.get("PYTHONPATH")]))
+            env["FAKE_NATIVE_FP16"] = "1" if native_fp16 else "0"
+        if numactl is not None:
+            path = path_without("numactl", tmp_path / "bin-without-numactl")
+            env["PATH"] = f"{FAKE_MACHINE / 'bin'}{os.pathsep}{path}" if numactl else path
+        return env
+    return settings
 
 
 @pytest.fixture

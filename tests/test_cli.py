@@ -1,12 +1,13 @@
 import inspect
+import os
 import subprocess
 import sys
-import time
 
 import pytest
 from deepspeed.moe.layer import MoE
 
 from cifar10_deepspeed import check_args, get_ds_config, main
+from conftest import finish, start
 
 
 def reason(parse, *argv, world_size=1):
@@ -29,7 +30,7 @@ def test_flags_beyond_the_reference_default_to_its_behaviour(parse):
     args = parse()
     assert (args.save_dir, args.resume, args.eval_every, args.metrics_dir, args.seed, args.data_workers) == (
         None, False, 0, None, None, None)
-    assert args.moe_aux_loss_coef == 0
+    assert args.moe_aux_loss_coef == 0 and args.dist_timeout is None
     moe_defaults = inspect.signature(MoE).parameters  # what the reference's MoE layers get
     assert (args.capacity_factor, args.eval_capacity_factor, args.drop_tokens) == (
         moe_defaults["capacity_factor"].default, moe_defaults["eval_capacity_factor"].default,
@@ -81,6 +82,7 @@ def test_valid_mixes_pass(parse, argv, world_size):
     (["--moe", "--eval-capacity-factor", "-1"], 1, "--capacity-factor and --eval-capacity-factor must be positive"),
     (["--moe", "--moe-aux-loss-coef", "-0.1"], 1, "--moe-aux-loss-coef must not be negative, got -0.1"),
     (["--data-workers", "-1"], 1, "--data-workers must not be negative, got -1"),
+    (["--dist-timeout", "0"], 1, "--dist-timeout must be positive, got 0.0"),
 ])
 def test_bad_mixes_are_rejected_with_the_reason(parse, argv, world_size, expected):
     assert reason(parse, *argv, world_size=world_size) == expected
@@ -115,14 +117,42 @@ def test_every_rank_exits_2_on_its_own(script, tmp_path):
     """Two ranks of a 2-rank job, no launcher to kill them: each stops by itself, none waits for its peer."""
     env_of = lambda rank: {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "PATH": ""}
-    start = time.monotonic()
-    ranks = [subprocess.Popen([sys.executable, str(script), "--deepspeed", "--moe", "--stage", "3"],
-                              cwd=tmp_path, env=env_of(rank), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for rank in (0, 1)]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
-    assert time.monotonic() - start < 120
+    ranks = [start([sys.executable, script, "--deepspeed", "--moe", "--stage", "3"], tmp_path, env_of(rank),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    outputs = [finish(rank, timeout=120) for rank in ranks]  # a rank that waits for its peer fails here
     for rank, (_, err) in zip(ranks, outputs):
         assert rank.returncode == 2
         assert err.splitlines()[-1] == (
             "cifar10_deepspeed.py: error: --moe does not work with ZeRO stage 3: "
             "DeepSpeed's MoE supports stages 0, 1 and 2")
+
+
+def run_script(root, tmp_path, script, **env):
+    """Run a launch script that must stop before it launches anything; return (exit status, stderr)."""
+    proc = start([root / script, "--dataset", "synthetic"], tmp_path, env, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE)
+    out, err = finish(proc, timeout=60)
+    assert "spawned" not in out + err, "it launched"
+    return proc.returncode, err
+
+
+@pytest.mark.skipif(os.path.exists("/job/hostfile"), reason="this machine has DeepSpeed's default hostfile")
+def test_num_nodes_without_a_hostfile_stops_with_one_line(root, tmp_path):
+    assert run_script(root, tmp_path, "run_ds_moe.sh", NUM_NODES="2") == (2, (
+        "run_ds.sh: error: NUM_NODES=2 needs a hostfile listing the nodes: set HOSTFILE (there is no /job/hostfile)\n"))
+
+
+def test_num_nodes_beyond_the_hostfile_stops_with_one_line(root, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=2\n\nnode-b slots=2\n")
+    assert run_script(root, tmp_path, "run_ds.sh", NUM_NODES="3", HOSTFILE=str(hostfile)) == (2, (
+        f"run_ds.sh: error: NUM_NODES=3 but {hostfile} lists 2 node(s)\n"))
+    assert run_script(root, tmp_path, "run_ds.sh", HOSTFILE=str(tmp_path / "missing")) == (2, (
+        f"run_ds.sh: error: HOSTFILE={tmp_path / 'missing'} does not exist\n"))
+
+
+def test_node_rank_needs_the_hostfile_and_the_master_address(root, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    assert run_script(root, tmp_path, "run_ds.sh", NODE_RANK="1", HOSTFILE=str(hostfile)) == (2, (
+        "run_ds.sh: error: NODE_RANK needs MASTER_ADDR: the address of the node of rank 0\n"))

@@ -1,9 +1,11 @@
 import json
+import os
 
 import pytest
 
+import cifar10_deepspeed
 from conftest import ROOT
-from cifar10_deepspeed import check_args, config_dtype, get_ds_config, load_ds_config
+from cifar10_deepspeed import allow_fp16, check_args, config_dtype, get_ds_config, load_ds_config
 
 
 def test_ds_config_json_equals_default_config(parse):
@@ -86,3 +88,54 @@ def test_moe_with_stage_3_from_the_config_file_is_rejected(parse, tmp_path):
     args = parse("--deepspeed_config", str(path), "--moe")
     loaded, _ = load_ds_config(args)
     assert "ZeRO stage 3" in check_args(args, loaded, world_size=1)
+
+
+# The machine: each branch the script takes on a property of the machine, with the property set here.
+
+class Accelerator:
+    """DeepSpeed's accelerator as the script asks it, with the answers a test picks."""
+
+    def __init__(self, native_fp16, on_host):
+        self.native_fp16, self.on_host = native_fp16, on_host
+
+    def is_fp16_supported(self):
+        return self.native_fp16
+
+    def is_synchronized_device(self):
+        return self.on_host
+
+    def device_name(self):
+        return "cpu" if self.on_host else "cuda"
+
+
+FASTER = "slower than fp32 (1.5x to 11x measured); pass --dtype fp32 to train faster"
+
+
+@pytest.mark.parametrize("native_fp16, on_host, note", [
+    (False, True, f"note: DeepSpeed finds no native fp16 support on this cpu, so fp16 runs as PyTorch emulates it: "
+                  f"{FASTER}"),
+    (True, True, f"note: fp16 on this cpu trains {FASTER}"),
+    (True, False, None),
+], ids=["cpu-without-native-fp16", "cpu-with-native-fp16", "gpu"])
+def test_fp16_runs_everywhere_and_on_a_cpu_says_how_to_go_faster(parse, monkeypatch, native_fp16, on_host, note):
+    accelerator = Accelerator(native_fp16, on_host)
+    monkeypatch.setattr(cifar10_deepspeed, "get_accelerator", lambda: accelerator)
+    assert allow_fp16(get_ds_config(parse())) == note
+    assert accelerator.is_fp16_supported()  # DeepSpeed will not refuse fp16
+    assert allow_fp16(get_ds_config(parse("--dtype", "bf16"))) is None
+
+
+@pytest.mark.parametrize("cores, local_size, threads", [(2, 1, 2), (2, 2, 1), (16, 2, 8), (16, 1, 16), (1, 2, 1)])
+def test_each_rank_takes_its_share_of_the_cores(monkeypatch, cores, local_size, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_size))
+    assert cifar10_deepspeed.cores_per_rank() == threads
+
+
+@pytest.mark.parametrize("cores, on_host, workers", [(2, True, 0), (16, True, 0), (2, False, 1), (16, False, 4),
+                                                      (1, False, 0)])
+def test_data_loader_workers_from_the_cores(monkeypatch, cores, on_host, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(cifar10_deepspeed, "get_accelerator", lambda: Accelerator(True, on_host))
+    assert cifar10_deepspeed.data_loader_workers() == workers

@@ -79,7 +79,7 @@ def test_deepspeed_step_is_adamw_with_clipping_and_warmup(single_rank_group, par
     by_hand, initial = copy.deepcopy(net), copy.deepcopy(net)
     data = batches(args)
     model_engine = train_with_deepspeed(net, data, args, config)
-    for layer in getattr(by_hand, "moe_layers", []):
+    for layer in getattr(by_hand, "moe_layer_list", []):
         layer.set_deepspeed_parallelism()  # the expert group DeepSpeed made for the engine's copy
     train_by_hand(by_hand, data, config)
 

@@ -1,41 +1,69 @@
-"""End-to-end runs, launched as a user launches them, on the offline synthetic data."""
+"""End-to-end runs, launched as a user launches them, on the offline synthetic data.
+
+The training runs are in the slow tier; the fast tier (`-m "not slow"`) keeps two short
+fp16 runs and the offline error as its real launches.
+"""
 
 import csv
 import re
-import shutil
 import subprocess
 import sys
-import time
 
+import psutil
 import pytest
 
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 # One epoch of 313 steps shows that a launch path trains; test_matrix.py checks training in every configuration.
 ONE_EPOCH = ["-e", "1", "--log-interval", "50"]
-FP16_NOTE = ("note: DeepSpeed finds no native fp16 support on this cpu; "
-             "running fp16 as PyTorch emulates it (slower than --dtype bf16 or fp32)")
+FASTER = "slower than fp32 (1.5x to 11x measured); pass --dtype fp32 to train faster"
+FP16_NOTES = {False: f"note: DeepSpeed finds no native fp16 support on this cpu, so fp16 runs as PyTorch emulates "
+                     f"it: {FASTER}",
+              True: f"note: fp16 on this cpu trains {FASTER}"}
+LOSS_LINE = re.compile(r"^\[ \d+,  +\d+\] loss:  \d\.\d{3}$")  # the reference's: sign spaces, batch in 5
 
 
-def test_dense_fp32_one_rank_reaches_50_percent_in_3_epochs(launch, root):
-    run = launch(root / "run_ds.sh", *SYNTHETIC, "--dtype", "fp32", "-e", "3", env={"NUM_GPUS": "1"})
+@pytest.mark.parametrize("native_fp16", [False, True], ids=["emulated-fp16", "native-fp16"])
+def test_default_fp16_on_cpu_runs_and_says_how_to_train_faster(launch, script, machine, native_fp16):
+    """Whether or not the CPU reports native fp16, fp16 runs and rank 0 says once how to go faster."""
+    run = launch("python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "5", "-e", "1",
+                 "--synthetic-train-size", "160", "--synthetic-test-size", "203", env=machine(native_fp16=native_fp16))
+    assert run.returncode == 0, run.output[-3000:]
+    lines = run.output.splitlines()
+    assert lines.count(FP16_NOTES[native_fp16]) == 1 and FP16_NOTES[not native_fp16] not in lines
+    assert [line for line in lines if " loss: " in line] == [line for line in lines if LOSS_LINE.match(line)]
+    assert len([line for line in lines if LOSS_LINE.match(line)]) == 2  # [ 1,     5] and [ 1,    10]
+    assert "Finished Training" in lines
+    assert re.search(r"^Accuracy of the network on the 203 test images:  \d{1,3} %$", run.output, re.M)
+
+
+@pytest.mark.slow
+def test_dense_fp32_one_rank_reaches_50_percent_in_3_epochs(launch, root, machine):
+    run = launch(root / "run_ds.sh", *SYNTHETIC, "--dtype", "fp32", "-e", "3",
+                 env={"NUM_GPUS": "1", **machine(numactl=False)})
     run.assert_trained(min_accuracy=50)
-    assert run.output.count("[3,   300] loss:") == 1  # rank 0 prints, once per interval
+    assert run.output.count("[ 3,   300] loss:") == 1  # rank 0 prints, once per interval
+    assert ("run_ds.sh: numactl not found, so cores are not bound to ranks; each rank sizes its thread pool to its "
+            "share of the cores") in run.output.splitlines()
 
 
+@pytest.mark.slow
 def test_dense_run_ignores_the_moe_aux_loss_coef(launch, script):
     run = launch("python", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", *ONE_EPOCH,
                  "--moe-aux-loss-coef", "0.01")
     run.assert_trained(min_accuracy=40)
 
 
-def test_moe_ep2_as_run_ds_moe_runs_it(launch, root):
-    run = launch(root / "run_ds_moe.sh", *SYNTHETIC, *ONE_EPOCH)
+@pytest.mark.slow
+def test_moe_ep2_as_run_ds_moe_runs_it_with_cores_bound_by_numactl(launch, root, machine):
+    run = launch(root / "run_ds_moe.sh", *SYNTHETIC, *ONE_EPOCH, env=machine(numactl=True))
     run.assert_trained(min_accuracy=25)
     assert "--ep-world-size 2 --num-experts 2 --top-k 1 --noisy-gate-policy RSample --moe-param-group" in run.output
-    if shutil.which("numactl"):
-        assert "'numactl', '-m', '0', '-C', '1'" in run.output  # ranks bound to their own cores
+    cores = psutil.cpu_count(logical=False) // 2  # DeepSpeed's launcher splits the physical cores between ranks
+    rank_1_cores = f"{cores}" if cores == 1 else f"{cores}-{2 * cores - 1}"
+    assert f"['numactl', '-m', '0', '-C', '{rank_1_cores}', " in run.output  # each rank bound to its own cores
 
 
+@pytest.mark.slow
 def test_pr_moe_two_ranks_without_core_binding(launch, root):
     run = launch(root / "run_ds_prmoe.sh", *SYNTHETIC, "--dtype", "fp32", *ONE_EPOCH, env={"BIND_CORES": "0"})
     run.assert_trained(min_accuracy=25)
@@ -45,6 +73,7 @@ def test_pr_moe_two_ranks_without_core_binding(launch, root):
     assert "numactl" not in run.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param_group", [["--moe-param-group"], []], ids=["with-param-group", "without"])
 def test_moe_ep2_with_zero_2(launch, script, param_group):
     run = launch("deepspeed", "--num_gpus", "2", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", *ONE_EPOCH,
@@ -53,6 +82,7 @@ def test_moe_ep2_with_zero_2(launch, script, param_group):
     run.assert_trained(min_accuracy=25)
 
 
+@pytest.mark.slow
 def test_bf16_one_rank_from_the_config_file(launch, script, root):
     config = root / "ds_config.json"
     run = launch("deepspeed", "--num_gpus", "1", script, "--deepspeed", "--deepspeed_config", config, "--dtype",
@@ -61,13 +91,14 @@ def test_bf16_one_rank_from_the_config_file(launch, script, root):
     assert f"Using {config}: dtype bf16, ZeRO stage 0 (--dtype bf16 overrides its fp16)" in run.output.splitlines()
 
 
+@pytest.mark.slow
 def test_plain_python_runs_one_rank_with_the_default_fp16(launch, script):
     run = launch("python", script, "--deepspeed", *SYNTHETIC, *ONE_EPOCH, "--synthetic-test-size", "203")
     run.assert_trained(min_accuracy=40)
-    assert FP16_NOTE in run.output.splitlines()
     assert "Accuracy of the network on the 203 test images:" in run.output
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_with_zero_3(launch, script):
     run = launch("torchrun", "--nproc_per_node", "2", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32",
                  "--stage", "3", *ONE_EPOCH)
@@ -75,10 +106,10 @@ def test_torchrun_two_ranks_with_zero_3(launch, script):
 
 
 def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root, tmp_path):
-    start = time.monotonic()
-    run = launch(root / "run_ds.sh", "--data-dir", tmp_path / "nowhere", env={"NUM_GPUS": "2", "BIND_CORES": "0"})
-    assert time.monotonic() - start < 60
-    assert run.returncode != 0
+    run = launch(root / "run_ds.sh", "--data-dir", tmp_path / "nowhere", env={"NUM_GPUS": "2", "BIND_CORES": "0"},
+                 timeout=120)  # no rank waits for another: a hang fails the launch here
+    assert run.returncode == 1
+    assert "terminate called" not in run.output
     errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1
     assert errors[0].startswith(f"error: CIFAR-10 is not in {tmp_path / 'nowhere'} and could not be downloaded (")
@@ -87,6 +118,7 @@ def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root,
     assert "Traceback" not in run.output
 
 
+@pytest.mark.slow
 def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, script, root, tmp_path):
     metrics = tmp_path / "metrics"
     run = launch("python", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "2", "--moe", "--num-experts",
@@ -94,9 +126,9 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
                  "--metrics-dir", metrics)
     run.assert_trained(min_accuracy=20)
     lines = run.output.splitlines()
-    loads = [re.match(r"^\[\d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss [\d.]+$", line) for line in lines]
+    loads = [re.match(r"^\[ \d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss [\d.]+$", line) for line in lines]
     loads = [m for m in loads if m]
-    speeds = [line for line in lines if re.match(r"^\[\d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch$", line)]
+    speeds = [line for line in lines if re.match(r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch$", line)]
     assert len(loads) == len(speeds) == len(run.losses()) == 6  # one of each per log interval
     assert all(99 <= int(m.group(1)) + int(m.group(2)) <= 101 for m in loads)
     assert max(int(loads[-1].group(1)), int(loads[-1].group(2))) <= 70  # the aux loss balanced the router
@@ -108,7 +140,7 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
     assert len(rows("Train_Samples_train_loss")) == len(rows("Train_Samples_lr")) == 626  # every step
     assert len(rows("Train_Samples_samples_per_sec")) == len(rows("MoE_layer0_expert1_share")) == 6
     assert len(rows("MoE_layer0_aux_loss")) == 6
-    assert int(float(rows("Eval_accuracy")[-1][1])) == run.accuracy()  # the final test, as printed
+    assert f"{float(rows('Eval_accuracy')[-1][1]):.0f}" == str(run.accuracy())  # the final test, as printed (rounded)
     assert len(rows("Eval_accuracy")) == 2 and len(rows("Train_Epoch_seconds")) == 2
 
     png = tmp_path / "metrics.png"
@@ -117,6 +149,7 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
 
 
+@pytest.mark.slow
 def test_dense_two_ranks_zero_1_evaluates_sharded_every_epoch(launch, script):
     run = launch("deepspeed", "--num_gpus", "2", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--stage", "1",
                  "-e", "3", "--log-interval", "50", "--synthetic-train-size", "1600", "--eval-every", "1",
@@ -127,6 +160,7 @@ def test_dense_two_ranks_zero_1_evaluates_sharded_every_epoch(launch, script):
     assert "Accuracy of the network on the 203 test images:" in run.output
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_loss_trace(launch, script):
     cmd = ["python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "10", "--dtype", "fp32",
            "-e", "1", "--synthetic-train-size", "480", "--synthetic-test-size", "40", "--moe", "--num-experts", "2",

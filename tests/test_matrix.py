@@ -24,6 +24,8 @@ import torch
 from conftest import IDLE_EXPERTS, ROOT, run_command
 from train_cells import OVERFLOW_STEPS, all_cells, parse_cell
 
+pytestmark = pytest.mark.slow
+
 CELLS = all_cells()
 CHECK_STEPS = 14  # past the fp16 overflow steps, and the learning rate's first two zero steps
 LEARN_STEPS = 300
@@ -54,7 +56,7 @@ def train(tmp, name, cells, world, steps, *flags, accelerator="cpu"):
 
 
 @pytest.fixture(scope="module")
-def checked(request, tmp_path_factory):
+def checked(request, tmp_path_factory, op_cache):
     """Every selected cell trained for CHECK_STEPS steps, and again in another process: (first, again)."""
     tmp = tmp_path_factory.mktemp("checked")
     tests = {"test_every_parameter_with_a_gradient_moves", "test_two_ranks_agree_and_hold_their_experts",
@@ -68,7 +70,7 @@ def checked(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def learned(request, tmp_path_factory):
+def learned(request, tmp_path_factory, op_cache):
     """The selected learning cells, trained for LEARN_STEPS steps."""
     tmp = tmp_path_factory.mktemp("learned")
     report = {}

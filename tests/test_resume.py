@@ -6,11 +6,14 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import LAUNCH_TIMEOUT, OFFLINE, ROOT, Run, run_command
+from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, run_command, start
+
+pytestmark = pytest.mark.slow
 
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 STEPS_PER_EPOCH = 200  # of the killed run; 600 in all, past the loss scale's first rise at step 501
@@ -22,10 +25,13 @@ def metric(metrics_dir, name):
 
 
 def kill_rank_1_at(cmd, cwd, marker):
-    """Launch, wait for `marker` in the output, SIGKILL rank 1, and return the launcher's Run."""
-    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
-    launcher = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    """Launch, wait for `marker` in the output, SIGKILL rank 1, and return the launcher's Run.
+
+    A launch that has not printed `marker` within LAUNCH_TIMEOUT seconds is killed with its ranks.
+    """
+    launcher = start(cmd, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_group, [launcher.pid])
+    watchdog.start()
     output, rank_1 = [], None
     for line in launcher.stdout:
         output.append(line)
@@ -35,12 +41,14 @@ def kill_rank_1_at(cmd, cwd, marker):
         if marker in line:
             os.kill(rank_1, signal.SIGKILL)
             break
-    output.append(launcher.communicate(timeout=LAUNCH_TIMEOUT)[0])
+    watchdog.cancel()
+    assert output and marker in output[-1], f"no {marker!r} in:\n{''.join(output)[-3000:]}"
+    output.append(finish(launcher)[0])
     return Run(subprocess.CompletedProcess(cmd, launcher.returncode, "".join(output)))
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
+def killed_and_resumed(tmp_path_factory, op_cache):
     """MoE with EP 2 in fp16, 3 epochs: run through; run again, SIGKILL rank 1 in epoch 2, and resume."""
     tmp = tmp_path_factory.mktemp("killed")
 
@@ -51,7 +59,7 @@ def killed_and_resumed(tmp_path_factory):
                 "--metrics-dir", tmp / f"{name}-metrics", *extra]
 
     full = run_command(cmd("full"), tmp)
-    killed = kill_rank_1_at(cmd("killed"), tmp, marker="[2,   100] loss:")
+    killed = kill_rank_1_at(cmd("killed"), tmp, marker="[ 2,   100] loss:")
     latest_after_kill = (tmp / "killed" / "latest").read_text().strip()
     resumed = run_command(cmd("killed", "--resume"), tmp)
     return SimpleNamespace(tmp=tmp, cmd=cmd, full=full, killed=killed, resumed=resumed,
@@ -69,7 +77,7 @@ def test_a_killed_rank_resumes_where_the_last_epoch_ended(killed_and_resumed):
     resumed = run.resumed
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"Resuming from {run.tmp / 'killed' / 'epoch1'} at epoch 2" in resumed.output
-    assert resumed.output.count("[1,   100] loss:") == 0 and resumed.output.count("[2,   100] loss:") == 1
+    assert resumed.output.count("[ 1,   100] loss:") == 0 and resumed.output.count("[ 2,   100] loss:") == 1
     assert abs(resumed.accuracy() - run.full.accuracy()) <= 5
     assert (run.tmp / "killed" / "latest").read_text().strip() == "epoch3"
 
@@ -124,14 +132,14 @@ def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_pat
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "at epoch 2" in resumed.output
     def epoch_2_and_test(run):
-        return [line for line in run.output.splitlines() if line.startswith(("[2, ", "Accuracy of"))
+        return [line for line in run.output.splitlines() if line.startswith(("[ 2, ", "Accuracy of"))
                 and "samples/s" not in line]
     assert len(epoch_2_and_test(full)) > 11
     assert epoch_2_and_test(resumed) == epoch_2_and_test(full)
 
 
 @pytest.fixture(scope="module")
-def saved_dense_run(tmp_path_factory):
+def saved_dense_run(tmp_path_factory, op_cache):
     """A one-epoch dense run that saved its checkpoint, shared by the refusal tests."""
     cwd = tmp_path_factory.mktemp("saved")
     cmd = ["python", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "1",
@@ -184,3 +192,34 @@ def test_resume_on_another_world_size_is_refused(launch, saved_dense_run):
     assert refused(launch, two_ranks, save_dir) == (
         f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run (world_size 1 -> 2); "
         "resume with its settings, or save to another --save-dir")
+
+
+def without_moe_module(save_dir, copy):
+    """A copy of a checkpoint whose run.json is as earlier versions of the script wrote it: no moe_module."""
+    subprocess.run(["cp", "-r", str(save_dir), str(copy)], check=True)
+    run_json = copy / "epoch1" / "run.json"
+    description = json.loads(run_json.read_text())
+    del description["moe_module"]
+    run_json.write_text(json.dumps(description))
+    return copy
+
+
+def test_a_dense_checkpoint_of_an_earlier_version_resumes(launch, saved_dense_run, tmp_path):
+    cmd, save_dir = saved_dense_run
+    old = without_moe_module(save_dir, tmp_path / "old")
+    run = launch(*cmd, "--save-dir", old, "--resume")
+    assert run.returncode == 0, run.output[-3000:]
+    assert f"Resuming from {old / 'epoch1'} at epoch 2" in run.output
+    assert "Accuracy of the network on the 40 test images: " in run.output
+
+
+def test_a_moe_checkpoint_of_an_earlier_version_is_refused(launch, script, tmp_path):
+    cmd = ["python", script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "1", "--synthetic-train-size", "160",
+           "--synthetic-test-size", "40", "--moe", "--num-experts", "2"]
+    saved = launch(*cmd, "--save-dir", tmp_path / "ckpt")
+    assert saved.returncode == 0, saved.output[-3000:]
+    old = without_moe_module(tmp_path / "ckpt", tmp_path / "old")
+    assert refused(launch, cmd, old) == (
+        f"error: --resume: checkpoint {old / 'epoch1'} was saved by an earlier version of this script, whose MoE "
+        "layers were named moe_layers (now moe_layer_list, as in the reference), so its weights do not load here; "
+        "start a new run with another --save-dir")

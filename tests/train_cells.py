@@ -107,10 +107,10 @@ def changed(before, after, kind):
 
 def expert_of(name, net):
     """(layer, global expert index) of an expert parameter, or None for any other parameter."""
-    match = re.match(r"moe_layers\.(\d+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.", name)
+    match = re.match(r"moe_layer_list\.(\d+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.", name)
     if not match:
         return None
-    layer = net.moe_layers[int(match[1])]
+    layer = net.moe_layer_list[int(match[1])]
     ep_rank = dist.get_rank(group=layer.deepspeed_moe.ep_group)
     return int(match[1]), ep_rank * layer.num_local_experts + int(match[2])
 
@@ -123,7 +123,7 @@ def train_cell(cell, steps, checks, evaluate):
     reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
     if reason:
         raise ValueError(reason)
-    cifar10_deepspeed.allow_emulated_fp16(config)
+    cifar10_deepspeed.allow_fp16(config)
     model_engine, trainloader, testset = cifar10_deepspeed.initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = cifar10_deepspeed.input_dtype(model_engine)
@@ -169,7 +169,7 @@ def last_step(net, before, after):
     counts = torch.cat([c.float() for c in net.expert_counts])
     dist.all_reduce(counts)
     return {"params": params,
-            "tokens": [c.tolist() for c in counts.split([layer.num_experts for layer in net.moe_layers])]}
+            "tokens": [c.tolist() for c in counts.split([layer.num_experts for layer in net.moe_layer_list])]}
 
 
 def final_state(net, final):
@@ -177,7 +177,7 @@ def final_state(net, final):
     return {"final": {name: p.float() for name, p in final.items()},
             "nonfinite": [name for name, p in final.items() if not torch.isfinite(p).all()],
             "expert_params": [name for name, p in net.named_parameters() if is_moe_param(p)],
-            "local_experts": [len(layer.deepspeed_moe.experts.deepspeed_experts) for layer in net.moe_layers]
+            "local_experts": [len(layer.deepspeed_moe.experts.deepspeed_experts) for layer in net.moe_layer_list]
             if net.moe else []}
 
 
@@ -229,3 +229,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    cifar10_deepspeed.leave(0)  # not the interpreter's teardown, where gloo's threads can abort the process

@@ -1,0 +1,208 @@
+"""Data on every node and several nodes, simulated on this machine.
+
+The real download path: torchvision downloads, checks and unpacks a CIFAR-10
+archive the tests make (tests/cifar_files.py) from a server on 127.0.0.1.
+
+A simulated node is one launch of run_ds.sh (DeepSpeed's launcher) with a
+two-host hostfile, without ssh (NODE_RANK), master 127.0.0.1, from a working
+directory of its own, so each node has its own ./data. Both nodes' launches run
+at once, as two machines would run them.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_files import ARCHIVE, Server, make_archive
+from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, live_processes, run_command, start
+
+pytestmark = pytest.mark.slow
+
+SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "50", "--seed", "0"]
+ONE_EPOCH = ["-e", "1", "--log-interval", "50", "--seed", "0"]
+DATA_ERROR = re.compile(r"^error: CIFAR-10 is not in \S+ and could not be downloaded \((.*)\)\. Place ")
+
+
+@pytest.fixture(scope="module")
+def cifar10_server(tmp_path_factory, op_cache):
+    """The archive (5000 training and 1000 test images) at /cifar-10-python.tar.gz, a cut-off copy at /corrupt/."""
+    folder = tmp_path_factory.mktemp("server")
+    checksums = make_archive(folder)
+    (folder / "corrupt").mkdir()
+    archive = (folder / ARCHIVE).read_bytes()
+    (folder / "corrupt" / ARCHIVE).write_bytes(archive[:len(archive) // 2])
+    server = Server(folder, checksums)
+    yield server
+    server.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def holds_cifar10(folder):
+    batches = folder / "data" / "cifar-10-batches-py"
+    return all((batches / name).is_file() for name in ("data_batch_5", "test_batch", "batches.meta"))
+
+
+def error_lines(run):
+    return [line for line in run.output.splitlines() if line.startswith("error: ")]
+
+
+def test_download_checks_and_unpacks_cifar10_and_trains(tmp_path, cifar10_server):
+    before = cifar10_server.downloads()
+    run = run_command([ROOT / "run_ds.sh", "--dtype", "fp32", *ONE_EPOCH], tmp_path,
+                      env={"NUM_GPUS": "2", "BIND_CORES": "0", **cifar10_server.env()})
+    run.assert_trained(min_accuracy=25)
+    assert cifar10_server.downloads() == before + 1  # by rank 0 alone
+    assert holds_cifar10(tmp_path)
+    assert "Accuracy of the network on the 1000 test images: " in run.output
+
+
+def test_a_corrupt_download_stops_every_rank_and_is_not_trusted_next_time(tmp_path, cifar10_server):
+    cmd = [ROOT / "run_ds.sh", "--dtype", "fp32", *ONE_EPOCH, "--synthetic-train-size", "1"]
+    corrupt = run_command(cmd, tmp_path, env={"NUM_GPUS": "2", "BIND_CORES": "0",
+                                              **cifar10_server.env(f"corrupt/{ARCHIVE}")}, timeout=120)
+    assert corrupt.returncode == 1
+    errors = error_lines(corrupt)
+    assert len(errors) == 1 and DATA_ERROR.match(errors[0]).group(1) == "File not found or corrupted."
+    assert "Traceback" not in corrupt.output and "terminate called" not in corrupt.output
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()  # checked before unpacking: nothing unpacked
+
+    before = cifar10_server.downloads()
+    again = run_command(cmd, tmp_path, env={"NUM_GPUS": "2", "BIND_CORES": "0", **cifar10_server.env()})
+    again.assert_trained(min_accuracy=25)
+    assert cifar10_server.downloads() == before + 1  # the corrupt archive was not taken for the data
+    assert holds_cifar10(tmp_path)
+
+
+class Nodes:
+    """Two simulated nodes of `ranks` ranks each, launched through a run script at once."""
+
+    def __init__(self, tmp_path, ranks=1):
+        self.folders = [tmp_path / "node0", tmp_path / "node1"]
+        for folder in self.folders:
+            folder.mkdir()
+        self.hostfile = tmp_path / "hostfile"
+        self.hostfile.write_text(f"node0 slots={ranks}\nnode1 slots={ranks}\n")
+        self.ranks = ranks
+
+    def env(self, node, port):
+        return {"HOSTFILE": str(self.hostfile), "NUM_NODES": "2", "NUM_GPUS": str(self.ranks),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node), "BIND_CORES": "0",
+                "OMP_NUM_THREADS": "1"}
+
+    def start(self, script, *args, env=(None, None)):
+        port = free_port()
+        return [start([ROOT / script, *args], folder, {**self.env(node, port), **(env[node] or {})},
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for node, folder in enumerate(self.folders)]
+
+    def run(self, script, *args, env=(None, None), timeout=LAUNCH_TIMEOUT):
+        launches = self.start(script, *args, env=env)
+        return [Run(completed(launch, finish(launch, timeout)[0])) for launch in launches]
+
+
+def completed(launch, output):
+    return subprocess.CompletedProcess(launch.args, launch.returncode, output)
+
+
+def test_two_nodes_of_one_rank_train_moe_across_them_each_with_its_own_data(tmp_path, cifar10_server):
+    nodes = Nodes(tmp_path)
+    before = cifar10_server.downloads()
+    first, second = nodes.run("run_ds_moe.sh", "--dtype", "fp32", *ONE_EPOCH,
+                              env=(cifar10_server.env(), cifar10_server.env()))
+    first.assert_trained(min_accuracy=25)
+    assert second.returncode == 0, second.output[-3000:]
+    assert "--ep-world-size 2 --num-experts 2" in first.output
+    assert all(holds_cifar10(folder) for folder in nodes.folders)
+    assert cifar10_server.downloads() == before + 2  # each node onto its own disk
+    for line in ("Finished Training", "Accuracy of truck"):
+        assert first.output.count(line) == 1 and line not in second.output  # rank 0 prints, once
+    assert not second.losses()
+
+
+def test_a_node_that_cannot_get_its_data_stops_every_rank_on_both(tmp_path, cifar10_server):
+    nodes = Nodes(tmp_path)
+    runs = nodes.run("run_ds.sh", "--dtype", "fp32", *ONE_EPOCH,
+                     env=(cifar10_server.env(), cifar10_server.env(f"corrupt/{ARCHIVE}")), timeout=180)
+    for run in runs:
+        assert run.returncode == 1, run.output[-3000:]
+        errors = error_lines(run)
+        assert len(errors) == 1 and DATA_ERROR.match(errors[0]).group(1) == "File not found or corrupted."
+        assert "Traceback" not in run.output
+    assert holds_cifar10(nodes.folders[0]) and not holds_cifar10(nodes.folders[1])
+
+
+def rank_pids(launch):
+    """The ranks a launch spawned: the processes of its group that run the script with a --local_rank."""
+    pids = []
+    for pid in live_processes(launch.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(b"cifar10_deepspeed.py") for arg in argv) and any(
+                arg.startswith(b"--local_rank=") for arg in argv):
+            pids.append(pid)
+    return pids
+
+
+def stop_node_1_mid_epoch(tmp_path, how, *args):
+    """Two nodes train; when node 0 has printed its first loss line, `how` is sent to node 1's rank.
+
+    Returns each node's Run and the seconds from the signal until both launchers had exited (a
+    stopped rank is killed once node 0's launcher has exited).
+    """
+    launches = Nodes(tmp_path).start("run_ds.sh", "--dtype", "fp32", *SYNTHETIC, "-e", "3", *args)
+    first_lines = []
+    for line in launches[0].stdout:
+        first_lines.append(line)
+        if "loss:" in line:
+            break
+    assert any("loss:" in line for line in first_lines), "".join(first_lines)[-3000:]
+    ranks = rank_pids(launches[1])
+    assert len(ranks) == 1, ranks
+    signalled = time.monotonic()
+    os.kill(ranks[0], how)
+    outputs = ["".join(first_lines) + finish(launches[0], timeout=120)[0]]
+    if how == signal.SIGSTOP:
+        kill_group(launches[1].pid)  # the stuck rank never ends by itself
+    outputs.append(finish(launches[1], timeout=120)[0])
+    seconds = time.monotonic() - signalled
+    return [Run(completed(launch, output)) for launch, output in zip(launches, outputs)], seconds
+
+
+def test_a_rank_killed_on_node_1_ends_every_rank_on_both_nodes(tmp_path):
+    (first, second), seconds = stop_node_1_mid_epoch(tmp_path, signal.SIGKILL)
+    assert first.returncode != 0 and second.returncode != 0
+    assert seconds < 60
+    assert "Finished Training" not in first.output
+
+
+def test_a_stuck_peer_ends_the_run_after_the_dist_timeout(tmp_path):
+    (first, _), seconds = stop_node_1_mid_epoch(tmp_path, signal.SIGSTOP, "--dist-timeout", "0.25")
+    assert first.returncode != 0
+    assert seconds < 60  # 15 s of timeout; DeepSpeed's default would wait 30 minutes
+    assert "Finished Training" not in first.output
+
+
+def test_resume_on_two_nodes_from_a_shared_save_dir(tmp_path):
+    nodes = Nodes(tmp_path)
+    shared = tmp_path / "ckpt"
+    flags = ["--dtype", "fp32", *SYNTHETIC, "--synthetic-train-size", "800", "--save-dir", shared]
+    for run in nodes.run("run_ds.sh", *flags, "-e", "1"):
+        assert run.returncode == 0, run.output[-3000:]
+    first, second = nodes.run("run_ds.sh", *flags, "-e", "2", "--resume")
+    assert first.returncode == 0 and second.returncode == 0, first.output[-3000:] + second.output[-3000:]
+    assert f"Resuming from {shared / 'epoch1'} at epoch 2" in first.output
+    assert "[ 1, " not in first.output and "[ 2,    50] loss:" in first.output
+    assert (shared / "latest").read_text().strip() == "epoch2"
