@@ -9,6 +9,7 @@ directory of its own, so each node has its own ./data. Both nodes' launches run
 at once, as two machines would run them.
 """
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import pytest
 
 from cifar_files import ARCHIVE, Server, make_archive
 from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, live_processes, run_command, start
+from test_matrix import assert_every_parameter_with_a_gradient_moves
 
 pytestmark = pytest.mark.slow
 
@@ -100,15 +102,27 @@ class Nodes:
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node), "BIND_CORES": "0",
                 "OMP_NUM_THREADS": "1"}
 
-    def start(self, script, *args, env=(None, None)):
+    def start(self, command, env=(None, None)):
+        """Start `command(node, port)` on both nodes at once; a run script reads the node from the env."""
         port = free_port()
-        return [start([ROOT / script, *args], folder, {**self.env(node, port), **(env[node] or {})},
+        return [start(command(node, port), folder, {**self.env(node, port), **(env[node] or {})},
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 for node, folder in enumerate(self.folders)]
 
-    def run(self, script, *args, env=(None, None), timeout=LAUNCH_TIMEOUT):
-        launches = self.start(script, *args, env=env)
+    def run(self, command, env=(None, None), timeout=LAUNCH_TIMEOUT):
+        launches = self.start(command, env=env)
         return [Run(completed(launch, finish(launch, timeout)[0])) for launch in launches]
+
+    def deepspeed(self, *args):
+        """DeepSpeed's launcher on each node, without ssh."""
+        return lambda node, port: ["deepspeed", "--hostfile", self.hostfile, "--no_ssh", "--node_rank", node,
+                                   "--master_addr", "127.0.0.1", "--master_port", port, "--num_gpus", self.ranks,
+                                   *args]
+
+
+def script(name, *args):
+    """A run script on each node (it reads the node's settings from the environment)."""
+    return lambda node, port: [ROOT / name, *args]
 
 
 def completed(launch, output):
@@ -118,7 +132,7 @@ def completed(launch, output):
 def test_two_nodes_of_one_rank_train_moe_across_them_each_with_its_own_data(tmp_path, cifar10_server):
     nodes = Nodes(tmp_path)
     before = cifar10_server.downloads()
-    first, second = nodes.run("run_ds_moe.sh", "--dtype", "fp32", *ONE_EPOCH,
+    first, second = nodes.run(script("run_ds_moe.sh", "--dtype", "fp32", *ONE_EPOCH),
                               env=(cifar10_server.env(), cifar10_server.env()))
     first.assert_trained(min_accuracy=25)
     assert second.returncode == 0, second.output[-3000:]
@@ -132,7 +146,7 @@ def test_two_nodes_of_one_rank_train_moe_across_them_each_with_its_own_data(tmp_
 
 def test_a_node_that_cannot_get_its_data_stops_every_rank_on_both(tmp_path, cifar10_server):
     nodes = Nodes(tmp_path)
-    runs = nodes.run("run_ds.sh", "--dtype", "fp32", *ONE_EPOCH,
+    runs = nodes.run(script("run_ds.sh", "--dtype", "fp32", *ONE_EPOCH),
                      env=(cifar10_server.env(), cifar10_server.env(f"corrupt/{ARCHIVE}")), timeout=180)
     for run in runs:
         assert run.returncode == 1, run.output[-3000:]
@@ -162,7 +176,7 @@ def stop_node_1_mid_epoch(tmp_path, how, *args):
     Returns each node's Run and the seconds from the signal until both launchers had exited (a
     stopped rank is killed once node 0's launcher has exited).
     """
-    launches = Nodes(tmp_path).start("run_ds.sh", "--dtype", "fp32", *SYNTHETIC, "-e", "3", *args)
+    launches = Nodes(tmp_path).start(script("run_ds.sh", "--dtype", "fp32", *SYNTHETIC, "-e", "3", *args))
     first_lines = []
     for line in launches[0].stdout:
         first_lines.append(line)
@@ -199,10 +213,58 @@ def test_resume_on_two_nodes_from_a_shared_save_dir(tmp_path):
     nodes = Nodes(tmp_path)
     shared = tmp_path / "ckpt"
     flags = ["--dtype", "fp32", *SYNTHETIC, "--synthetic-train-size", "800", "--save-dir", shared]
-    for run in nodes.run("run_ds.sh", *flags, "-e", "1"):
+    for run in nodes.run(script("run_ds.sh", *flags, "-e", "1")):
         assert run.returncode == 0, run.output[-3000:]
-    first, second = nodes.run("run_ds.sh", *flags, "-e", "2", "--resume")
+    first, second = nodes.run(script("run_ds.sh", *flags, "-e", "2", "--resume"))
     assert first.returncode == 0 and second.returncode == 0, first.output[-3000:] + second.output[-3000:]
     assert f"Resuming from {shared / 'epoch1'} at epoch 2" in first.output
     assert "[ 1, " not in first.output and "[ 2,    50] loss:" in first.output
     assert (shared / "latest").read_text().strip() == "epoch2"
+
+
+TUTORIAL = "fp16-zero2-tutorial-w4-ep2"  # DeepSpeed's MoE tutorial: 8 experts, EP 2, top-1, RSample, ZeRO 2
+
+
+def test_the_moe_tutorials_four_ranks_through_run_ds_moe(tmp_path):
+    """2 nodes x 2 ranks, expert-parallel size 2, 8 experts: every expert group replicated twice (E + D)."""
+    nodes = Nodes(tmp_path, ranks=2)
+    first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--stage", "2", "-e", "2"),
+                              env=({"EXPERTS": "8"}, {"EXPERTS": "8"}))
+    first.assert_trained(min_accuracy=25)
+    assert second.returncode == 0, second.output[-3000:]
+    assert "--ep-world-size 2 --num-experts 8 --top-k 1 --noisy-gate-policy RSample --moe-param-group" in first.output
+
+
+def test_the_moe_tutorials_four_ranks_are_experts_plus_data_parallel(tmp_path):
+    """What E + D means, read off every rank after 14 steps of the tutorial's configuration."""
+    nodes = Nodes(tmp_path, ranks=2)
+    report_path = tmp_path / "report.json"
+    runs = nodes.run(nodes.deepspeed(ROOT / "tests" / "train_cells.py", "--report", report_path, "--steps", "14",
+                                     "--checks", TUTORIAL))
+    for run in runs:
+        assert run.returncode == 0, run.output[-3000:]
+    report = json.loads(report_path.read_text())[TUTORIAL]
+    assert "error" not in report, report["error"]
+    ranks = report["ranks"]
+    assert len(ranks) == 4
+    assert report["shared_max_diff"] == 0  # non-expert parameters equal on all 4 ranks
+    assert [rank["local_experts"] for rank in ranks] == [[4]] * 4  # 8 experts over EP 2: 4 on each rank
+    for pair, (smallest, largest) in report["expert_diffs"].items():
+        a, b = map(int, pair.split("-"))
+        if ranks[a]["ep_rank"] == ranks[b]["ep_rank"]:
+            assert largest == 0, f"ranks {pair} hold the same experts, which differ by {largest}"
+        else:
+            assert smallest > 0, f"ranks {pair} hold different experts, yet one of them is equal"
+    assert sorted(rank["ep_rank"] for rank in ranks) == [0, 0, 1, 1]
+    assert_every_parameter_with_a_gradient_moves(report, TUTORIAL)
+
+
+def test_torchrun_on_two_nodes_with_zero_3(tmp_path):
+    nodes = Nodes(tmp_path)
+    command = lambda node, port: ["torchrun", "--nnodes", "2", "--node_rank", node, "--nproc_per_node", "1",
+                                  "--master_addr", "127.0.0.1", "--master_port", port, ROOT / "cifar10_deepspeed.py",
+                                  "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--stage", "3", "-e", "1"]
+    first, second = nodes.run(command)
+    first.assert_trained(min_accuracy=40)
+    assert second.returncode == 0, second.output[-3000:]
+    assert not second.losses()

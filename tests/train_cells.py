@@ -41,8 +41,9 @@ MODELS = {
     "top2": ["--moe", "--num-experts", "2", "--top-k", "2"],
     "rsample": ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"],
     "prmoe": ["--moe", "--num-experts", "2", "4", "--mlp-type", "residual", "--noisy-gate-policy", "RSample"],
+    "tutorial": ["--moe", "--num-experts", "8", "--noisy-gate-policy", "RSample"],  # DeepSpeed's MoE tutorial
 }
-CELL = re.compile(r"^(?P<dtype>fp32|bf16|fp16)-zero(?P<stage>[0-3])-(?P<model>\w+)-w(?P<world>[12])(-ep(?P<ep>[12]))?$")
+CELL = re.compile(r"^(?P<dtype>fp32|bf16|fp16)-zero(?P<stage>[0-3])-(?P<model>\w+)-w(?P<world>[124])(-ep(?P<ep>[124]))?$")
 OVERFLOW_STEPS = (4, 5)  # two in a row: with hysteresis 2 the scale drops at the second
 SEED = 0
 
@@ -173,25 +174,33 @@ def last_step(net, before, after):
 
 
 def final_state(net, final):
-    """The parameters this rank ends with, which are not finite, which are experts; its experts per layer."""
+    """The parameters this rank ends with, which are not finite, which are experts; its experts per layer
+    and its rank in the expert-parallel group (which experts it holds)."""
     return {"final": {name: p.float() for name, p in final.items()},
             "nonfinite": [name for name, p in final.items() if not torch.isfinite(p).all()],
             "expert_params": [name for name, p in net.named_parameters() if is_moe_param(p)],
             "local_experts": [len(layer.deepspeed_moe.experts.deepspeed_experts) for layer in net.moe_layer_list]
-            if net.moe else []}
+            if net.moe else [],
+            "ep_rank": dist.get_rank(group=net.moe_layer_list[0].deepspeed_moe.ep_group) if net.moe else None}
 
 
 def compare_ranks(records):
-    """Largest difference between rank 0's and rank 1's shared parameters and their experts."""
+    """Largest difference from rank 0's shared parameters over all ranks, and for every pair of
+    ranks the smallest and largest difference between their experts of the same local index.
+
+    For two ranks, also rank 0 against rank 1 as expert_min_diff and expert_max_diff.
+    """
     finals = [record.pop("final", None) for record in records]
     if len(finals) == 1 or finals[0] is None:
         return {}
-    first, second = finals
     experts = set(records[0]["expert_params"])
-    shared = [(first[n] - second[n]).abs().max().item() for n in first if n not in experts]
-    expert = [(first[n] - second[n]).abs().max().item() for n in first if n in experts]
-    return {"shared_max_diff": max(shared), "expert_min_diff": min(expert, default=None),
-            "expert_max_diff": max(expert, default=None)}
+    diff = lambda a, b, n: (finals[a][n] - finals[b][n]).abs().max().item()
+    shared = [diff(0, r, n) for r in range(1, len(finals)) for n in finals[0] if n not in experts]
+    pairs = {f"{a}-{b}": [min(d), max(d)] for a in range(len(finals)) for b in range(a + 1, len(finals))
+             if (d := [diff(a, b, n) for n in finals[0] if n in experts])}
+    expert_01 = pairs.get("0-1", [None, None])
+    return {"shared_max_diff": max(shared), "expert_diffs": pairs, "expert_min_diff": expert_01[0],
+            "expert_max_diff": expert_01[1]}
 
 
 def main():
