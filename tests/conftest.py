@@ -35,12 +35,17 @@ def parse():
     return lambda *argv: cifar10_deepspeed.add_argument(list(argv))
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def single_rank_group():
     """An in-process, one-rank gloo group, for code that talks to deepspeed.comm."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(name, str(value))
     cifar10_deepspeed.deepspeed.init_distributed()

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from cifar_files import ARCHIVE, Server, make_archive
-from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, live_processes, run_command, start
+from conftest import (LAUNCH_TIMEOUT, ROOT, Run, finish, free_port, kill_group, live_processes, run_command,
+                      start)
 from test_matrix import assert_every_parameter_with_a_gradient_moves
 
 pytestmark = pytest.mark.slow
@@ -42,12 +42,6 @@ def cifar10_server(tmp_path_factory, op_cache):
     server = Server(folder, checksums)
     yield server
     server.close()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def holds_cifar10(folder):
