@@ -144,7 +144,8 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
     assert len(rows("Eval_accuracy")) == 2 and len(rows("Train_Epoch_seconds")) == 2
 
     png = tmp_path / "metrics.png"
-    plot = subprocess.run([sys.executable, root / "plot_metrics.py", metrics, "-o", png], capture_output=True, text=True)
+    plot = subprocess.run([sys.executable, root / "plot_metrics.py", metrics, "-o", png], capture_output=True, text=True,
+                          timeout=120)
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
 

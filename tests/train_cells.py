@@ -49,9 +49,12 @@ SEED = 0
 
 
 def all_cells():
-    """Every cell the script accepts: models x dtypes x stages x (world, EP), without rejected mixes."""
+    """Every cell of the matrix: models x dtypes x stages x (world, EP), without the mixes the script rejects.
+
+    The tutorial's model (8 experts) is trained on 4 ranks by test_nodes.py, not in the matrix.
+    """
     cells = []
-    for model in MODELS:
+    for model in (model for model in MODELS if model != "tutorial"):
         for dtype in ("fp32", "bf16", "fp16"):
             for stage in (0, 1, 2, 3):
                 if model == "dense":
