@@ -222,7 +222,7 @@ TUTORIAL = "fp16-zero2-tutorial-w4-ep2"  # DeepSpeed's MoE tutorial: 8 experts, 
 def test_the_moe_tutorials_four_ranks_through_run_ds_moe(tmp_path):
     """2 nodes x 2 ranks, expert-parallel size 2, 8 experts: every expert group replicated twice (E + D)."""
     nodes = Nodes(tmp_path, ranks=2)
-    first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--stage", "2", "-e", "2"),
+    first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--dtype", "fp32", "--stage", "2", "-e", "2"),
                               env=({"EXPERTS": "8"}, {"EXPERTS": "8"}))
     first.assert_trained(min_accuracy=25)
     assert second.returncode == 0, second.output[-3000:]
