@@ -9,9 +9,11 @@ with DeepSpeed's launcher, torchrun, or plain python (one process):
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -777,6 +779,25 @@ def can_shard_eval(args, model_engine):
     return not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3
 
 
+@contextlib.contextmanager
+def stop_if_a_peer_is_lost():
+    """End this rank with one line when a collective fails because another rank died or stopped answering.
+
+    The backend raises from the next collective: gloo a RuntimeError from its
+    transport (a peer's closed connection, or --dist-timeout passing), NCCL a
+    DistBackendError. Each rank that sees it says so in one line and exits.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, torch.distributed.DistError) or "gloo" in str(e)):
+            raise
+        reason = re.split(r"\.\s", re.sub(r"^\[[^]]*\]\s*", "", str(e).strip().splitlines()[0]))[0]
+        stop(f"lost another rank ({reason}): it died or stopped answering, so this rank stops too; see that rank's "
+             f"log for why. A run with --save-dir continues from its last finished epoch with --resume.",
+             every_rank=True)
+
+
 def main(args):
     config, config_note = load_ds_config(args)
     rank = int(os.environ.get("RANK", 0))
@@ -799,11 +820,12 @@ def main(args):
 
     start_epoch = resume(model_engine, args) if args.resume else 0
     shard_eval = can_shard_eval(args, model_engine)
-    train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval)
-    if dist.get_rank() == 0:
-        print("Finished Training")
+    with stop_if_a_peer_is_lost():
+        train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval)
+        if dist.get_rank() == 0:
+            print("Finished Training")
 
-    accuracy = test(model_engine, testset, local_device, target_dtype, shard=shard_eval)
+        accuracy = test(model_engine, testset, local_device, target_dtype, shard=shard_eval)
     model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
     dist.destroy_process_group()
 

@@ -1,8 +1,9 @@
 """Training is right in every configuration the script accepts.
 
 The matrix is dtype {fp32, bf16, fp16} x ZeRO {0, 1, 2, 3} x model {dense, MoE
-top-1, MoE top-2, MoE with RSample, PR-MoE} x world {1, 2} x EP {1, 2}, less the
-mixes the script rejects (tested for their error in test_cli.py). Each test is
+top-1, MoE top-2, MoE with RSample, PR-MoE} x world {1, 2} x EP {1, 2}, and at
+world 4 the dense net, RSample and PR-MoE with EP {1, 2, 4}, less the mixes
+the script rejects (tested for their error in test_cli.py). Each test is
 one invariant, parametrized by cell, so that a failure names both; TESTING.md
 has the table.
 
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from conftest import IDLE_EXPERTS, ROOT, run_command
-from train_cells import OVERFLOW_STEPS, all_cells, parse_cell
+from train_cells import OVERFLOW_STEPS, all_cells, expert_counts, parse_cell
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +32,12 @@ CHECK_STEPS = 14  # past the fp16 overflow steps, and the learning rate's first 
 LEARN_STEPS = 300
 LEARN_IN_CI = ["fp32-zero0-dense-w1", "bf16-zero3-dense-w2", "fp32-zero1-top1-w1-ep1",
                "bf16-zero0-top2-w2-ep1", "fp16-zero2-rsample-w1-ep1", "bf16-zero1-rsample-w2-ep2",
-               "fp32-zero2-prmoe-w2-ep2", "fp16-zero1-prmoe-w2-ep1"]
+               "fp32-zero2-prmoe-w2-ep2", "fp16-zero1-prmoe-w2-ep1", "fp32-zero2-prmoe-w4-ep4",
+               "bf16-zero1-rsample-w4-ep2"]
 FULL_MATRIX = os.environ.get("FULL_MATRIX") == "1"
 MIN_ACCURACY = 25  # percent on the synthetic test images, where chance is 10
 MATRIX_TIMEOUT = 3600
+WORLDS = (1, 2, 4)
 
 
 def selected_cells(session, tests, world):
@@ -59,10 +62,10 @@ def train(tmp, name, cells, world, steps, *flags, accelerator="cpu"):
 def checked(request, tmp_path_factory, op_cache):
     """Every selected cell trained for CHECK_STEPS steps, and again in another process: (first, again)."""
     tmp = tmp_path_factory.mktemp("checked")
-    tests = {"test_every_parameter_with_a_gradient_moves", "test_two_ranks_agree_and_hold_their_experts",
+    tests = {"test_every_parameter_with_a_gradient_moves", "test_ranks_agree_and_hold_their_experts",
              "test_fp16_overflow_step_is_skipped", "test_same_seed_gives_the_same_loss_trace"}
     first, again = {}, {}
-    for world in (1, 2):
+    for world in WORLDS:
         cells = selected_cells(request.session, tests, world)
         first.update(train(tmp, "first", cells, world, CHECK_STEPS, "--checks"))
         again.update(train(tmp, "again", cells, world, CHECK_STEPS))
@@ -74,7 +77,7 @@ def learned(request, tmp_path_factory, op_cache):
     """The selected learning cells, trained for LEARN_STEPS steps."""
     tmp = tmp_path_factory.mktemp("learned")
     report = {}
-    for world in (1, 2):
+    for world in WORLDS:
         cells = [cell for cell in selected_cells(request.session, {"test_learns"}, world)
                  if FULL_MATRIX or cell in LEARN_IN_CI]
         report.update(train(tmp, "learned", cells, world, LEARN_STEPS, "--evaluate"))
@@ -127,16 +130,23 @@ def assert_every_parameter_with_a_gradient_moves(report, cell):
 
 
 def assert_ranks_agree_and_hold_their_experts(report, cell):
-    """Non-expert parameters end identical; each rank holds num_experts / EP experts; EP 2 ranks hold different ones."""
+    """Experts + data parallelism (E + D): every rank holds num_experts / EP experts of each layer;
+    non-expert parameters end identical on all ranks; experts end identical between the ranks of one
+    expert-data-parallel group (the same rank in the expert-parallel group) and different between
+    expert-parallel ranks, which hold different experts."""
     dtype, stage, model, world, ep = parse_cell(cell)
     ranks = ranks_of(report, cell)
     assert report["shared_max_diff"] == 0, f"non-expert parameters differ by up to {report['shared_max_diff']}"
-    expected = {"dense": [], "prmoe": [2 // ep, 4 // ep]}.get(model, [2 // ep])
-    assert [rank["local_experts"] for rank in ranks] == [expected, expected]
-    if model != "dense" and ep == 2:
-        assert report["expert_min_diff"] > 0, "the two ranks hold an identical expert"
-    elif model != "dense":
-        assert report["expert_max_diff"] == 0, "the ranks' copies of the experts differ"
+    assert [rank["local_experts"] for rank in ranks] == [[n // ep for n in expert_counts(model, ep)]] * world
+    if model == "dense":
+        return
+    assert sorted(rank["ep_rank"] for rank in ranks) == sorted(list(range(ep)) * (world // ep))
+    for pair, (smallest, largest) in report["expert_diffs"].items():
+        a, b = map(int, pair.split("-"))
+        if ranks[a]["ep_rank"] == ranks[b]["ep_rank"]:
+            assert largest == 0, f"ranks {pair} hold the same experts, which differ by up to {largest}"
+        else:
+            assert smallest > 0, f"ranks {pair} hold different experts, yet one of them is equal"
 
 
 def assert_fp16_overflow_step_is_skipped(report, cell):
@@ -173,8 +183,8 @@ def test_every_parameter_with_a_gradient_moves(checked, cell, request):
         request.config.stash.setdefault(IDLE_EXPERTS, []).append(f"{cell}: {', '.join(idle)}")
 
 
-@pytest.mark.parametrize("cell", [cell for cell in CELLS if parse_cell(cell)[3] == 2])
-def test_two_ranks_agree_and_hold_their_experts(checked, cell):
+@pytest.mark.parametrize("cell", [cell for cell in CELLS if parse_cell(cell)[3] > 1])
+def test_ranks_agree_and_hold_their_experts(checked, cell):
     assert_ranks_agree_and_hold_their_experts(checked[0][cell], cell)
 
 
@@ -191,18 +201,19 @@ def test_same_seed_gives_the_same_loss_trace(checked, cell):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: runs the whole matrix on them")
 def test_every_cell_on_cuda(tmp_path):
-    """The whole matrix, every invariant, on CUDA with NCCL (native fp16 and bf16)."""
+    """The whole matrix, every invariant, on CUDA with NCCL (native fp16 and bf16); world 4 with 4 GPUs."""
+    worlds = [world for world in WORLDS if world <= torch.cuda.device_count()]
     first, again, learned = {}, {}, {}
-    for world in (1, 2):
+    for world in worlds:
         cells = [cell for cell in CELLS if parse_cell(cell)[3] == world]
         first.update(train(tmp_path, "first", cells, world, CHECK_STEPS, "--checks", accelerator="cuda"))
         again.update(train(tmp_path, "again", cells, world, CHECK_STEPS, accelerator="cuda"))
         learned.update(train(tmp_path, "learned", cells, world, LEARN_STEPS, "--evaluate", accelerator="cuda"))
     failures = []
-    for cell in CELLS:
+    for cell in (cell for cell in CELLS if parse_cell(cell)[3] in worlds):
         checks = [(assert_learns, learned[cell]), (assert_every_parameter_with_a_gradient_moves, first[cell]),
                   (assert_same_loss_trace, first[cell], again[cell])]
-        if parse_cell(cell)[3] == 2:
+        if parse_cell(cell)[3] > 1:
             checks.append((assert_ranks_agree_and_hold_their_experts, first[cell]))
         if cell.startswith("fp16"):
             checks.append((assert_fp16_overflow_step_is_skipped, first[cell]))

@@ -37,12 +37,13 @@ import cifar10_deepspeed  # noqa: E402
 
 MODELS = {
     "dense": [],
-    "top1": ["--moe", "--num-experts", "2"],
-    "top2": ["--moe", "--num-experts", "2", "--top-k", "2"],
-    "rsample": ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"],
-    "prmoe": ["--moe", "--num-experts", "2", "4", "--mlp-type", "residual", "--noisy-gate-policy", "RSample"],
-    "tutorial": ["--moe", "--num-experts", "8", "--noisy-gate-policy", "RSample"],  # DeepSpeed's MoE tutorial
+    "top1": ["--moe"],
+    "top2": ["--moe", "--top-k", "2"],
+    "rsample": ["--moe", "--noisy-gate-policy", "RSample"],
+    "prmoe": ["--moe", "--mlp-type", "residual", "--noisy-gate-policy", "RSample"],
+    "tutorial": ["--moe", "--noisy-gate-policy", "RSample"],  # DeepSpeed's MoE tutorial
 }
+EXPERTS = {"dense": [], "prmoe": [2, 4], "tutorial": [8]}  # experts per MoE layer; the others have one layer of 2
 CELL = re.compile(r"^(?P<dtype>fp32|bf16|fp16)-zero(?P<stage>[0-3])-(?P<model>\w+)-w(?P<world>[124])(-ep(?P<ep>[124]))?$")
 OVERFLOW_STEPS = (4, 5)  # two in a row: with hysteresis 2 the scale drops at the second
 SEED = 0
@@ -51,17 +52,28 @@ SEED = 0
 def all_cells():
     """Every cell of the matrix: models x dtypes x stages x (world, EP), without the mixes the script rejects.
 
-    The tutorial's model (8 experts) is trained on 4 ranks by test_nodes.py, not in the matrix.
+    World size 4 trains the dense net and the two MoE models the run scripts use (RSample, PR-MoE) with
+    EP 1, 2 and 4. The tutorial's model (8 experts) is trained on 4 ranks by test_nodes.py, not here.
     """
+    moe_worlds = {"top1": ((1, 1), (2, 1), (2, 2)), "top2": ((1, 1), (2, 1), (2, 2)),
+                  "rsample": ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)),
+                  "prmoe": ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4))}
     cells = []
     for model in (model for model in MODELS if model != "tutorial"):
         for dtype in ("fp32", "bf16", "fp16"):
             for stage in (0, 1, 2, 3):
                 if model == "dense":
-                    cells += [f"{dtype}-zero{stage}-dense-w{world}" for world in (1, 2)]
+                    cells += [f"{dtype}-zero{stage}-dense-w{world}" for world in (1, 2, 4)]
                 elif stage < 3:  # MoE with ZeRO-3 is rejected
-                    cells += [f"{dtype}-zero{stage}-{model}-w{world}-ep{ep}" for world, ep in ((1, 1), (2, 1), (2, 2))]
+                    cells += [f"{dtype}-zero{stage}-{model}-w{world}-ep{ep}" for world, ep in moe_worlds[model]]
     return cells
+
+
+def expert_counts(model, ep):
+    """The model's experts per MoE layer, scaled up where the EP size would not divide them (PR-MoE at EP 4: 4 8)."""
+    counts = EXPERTS.get(model, [2])
+    scale = max(1, ep // min(counts)) if counts else 1
+    return [n * scale for n in counts]
 
 
 def parse_cell(cell):
@@ -77,7 +89,7 @@ def cell_flags(cell, steps):
              "--synthetic-test-size", "400", "--data-workers", "0", "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
              *MODELS[model]]
     if model != "dense":
-        flags += ["--ep-world-size", str(ep), "--moe-param-group"]
+        flags += ["--num-experts", *map(str, expert_counts(model, ep)), "--ep-world-size", str(ep), "--moe-param-group"]
     return flags
 
 
