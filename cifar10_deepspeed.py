@@ -103,6 +103,11 @@ def build_parser():
     parser.add_argument("--metrics-dir", default=None,
                         help="write metrics as CSV files here with DeepSpeed's CSV monitor (plot: plot_metrics.py)")
 
+    # ZeRO-Offload: beyond the reference.
+    parser.add_argument("--offload", default=None, choices=["none", "cpu"],
+                        help="cpu: ZeRO-Offload, the optimizer's state and step on the host (ZeRO stages 1-3), and at "
+                             "stage 3 the parameters too (default: none; with --deepspeed_config, the file's)")
+
     # Several processes and nodes: beyond the reference.
     parser.add_argument("--dist-timeout", default=None, type=float, metavar="MINUTES",
                         help="how long a rank waits for its peers in a collective before the run fails "
@@ -124,9 +129,10 @@ def add_argument(argv=None):
 
 
 def get_ds_config(args):
-    """The reference's DeepSpeed config; --dtype and --stage pick precision and ZeRO stage."""
+    """The reference's DeepSpeed config; --dtype and --stage pick precision and ZeRO stage, --offload cpu adds
+    ZeRO-Offload."""
     dtype = args.dtype or "fp16"
-    return {
+    config = {
         "train_batch_size": 16,
         "steps_per_print": 2000,
         "optimizer": {
@@ -161,6 +167,30 @@ def get_ds_config(args):
             "cpu_offload": False,
         },
     }
+    if args.offload == "cpu":
+        offload_to_cpu(config["zero_optimization"], parameters=config["zero_optimization"]["stage"] == 3)
+    return config
+
+
+def offload_to_cpu(zero, parameters):
+    """Set ZeRO-Offload in a config's zero_optimization, as DeepSpeed spells it today: the optimizer's state
+    and step on the host, and with `parameters` (ZeRO-3) the parameters too.
+
+    Memory is pinned where the accelerator pins it (DeepSpeed's CPU accelerator
+    leaves host memory as it is). The old switch, "cpu_offload", goes.
+    """
+    zero.pop("cpu_offload", None)
+    zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+
+
+def offload_device(zero):
+    """Where a config's zero_optimization offloads to: "none", "cpu" or "nvme" (the old "cpu_offload": true is cpu)."""
+    devices = {(zero.get(key) or {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+    if zero.get("cpu_offload"):
+        devices.add("cpu")
+    return "+".join(sorted(devices - {"none"})) or "none"
 
 
 def config_dtype(config):
@@ -173,7 +203,8 @@ def load_ds_config(args):
     """The config to train with, and a line saying where its dtype and stage came from.
 
     Without --deepspeed_config it is get_ds_config(args). With a file, the file is
-    the config, and --dtype / --stage, when given, override its values.
+    the config, and --dtype / --stage, when given, override its values; --offload cpu
+    adds ZeRO-Offload to a file that has none (check_args refuses one that contradicts it).
     """
     if not args.deepspeed_config:
         return get_ds_config(args), None
@@ -189,6 +220,9 @@ def load_ds_config(args):
     if args.stage is not None and args.stage != zero.get("stage", 0):
         notes.append(f"--stage {args.stage} overrides its stage {zero.get('stage', 0)}")
         zero["stage"] = args.stage
+    if args.offload == "cpu" and offload_device(zero) == "none":  # one that offloads otherwise is refused
+        notes.append("--offload cpu adds ZeRO-Offload")
+        offload_to_cpu(zero, parameters=zero.get("stage", 0) == 3)
     source = "; ".join(notes) or "--dtype/--stage not given"
     note = (f"Using {args.deepspeed_config}: dtype {config_dtype(config)}, ZeRO stage {zero.get('stage', 0)} "
             f"({source})")
@@ -218,6 +252,17 @@ def check_args(args, config, world_size):
         return f"--moe-aux-loss-coef must not be negative, got {args.moe_aux_loss_coef}"
     if config.get("fp16", {}).get("enabled") and config.get("bf16", config.get("bfloat16", {})).get("enabled"):
         return "the DeepSpeed config enables both fp16 and bf16; enable one"
+    offload = offload_device(config.get("zero_optimization", {}))
+    if args.offload is not None and offload != args.offload:
+        return (f"--offload {args.offload} contradicts {args.deepspeed_config}, which offloads to {offload}: "
+                f"drop --offload or change the file")
+    if offload != "none" and stage == 0:
+        return f"offloading to the {offload} needs ZeRO stage 1, 2 or 3 (--stage): stage 0 has no ZeRO optimizer to offload"
+    if config.get("fp16", {}).get("fp16_master_weights_and_grads") and (
+            config_dtype(config) != "fp16" or offload != "cpu"
+            or config.get("optimizer", {}).get("params", {}).get("torch_adam")):
+        return ("fp16_master_weights_and_grads needs fp16 (--dtype fp16) and ZeRO stage 1, 2 or 3 with the optimizer "
+                "offloaded to the cpu (--offload cpu) by DeepSpeed's CPU Adam (not \"torch_adam\")")
     if not args.moe:
         return None
     if stage == 3:
@@ -511,12 +556,19 @@ def loss_line(epoch, batch, mean_loss):
 
 
 def log_progress(model_engine, epoch, step, mean_loss, seconds, steps_per_epoch, log_interval, expert_load):
-    """Rank 0 prints the reference's loss line, then throughput and expert load; metrics go to the monitor."""
+    """Rank 0 prints the reference's loss line, then throughput and expert load; metrics go to the monitor.
+
+    The throughput line ends with rank 0's peak accelerator memory so far (on
+    DeepSpeed's CPU accelerator: the process's resident memory, sampled at each
+    log interval), which ZeRO and ZeRO-Offload lower.
+    """
     prefix = batch_label(epoch + 1, step + 1)
     samples_per_sec = log_interval * model_engine.train_batch_size() / seconds
     events = [("Train/Samples/samples_per_sec", samples_per_sec, model_engine.global_samples)]
+    accelerator = get_accelerator()
     lines = [loss_line(epoch + 1, step + 1, mean_loss),
-             f"{prefix} {samples_per_sec:.0f} samples/s, {seconds / log_interval * steps_per_epoch:.1f} s/epoch"]
+             f"{prefix} {samples_per_sec:.0f} samples/s, {seconds / log_interval * steps_per_epoch:.1f} s/epoch, "
+             f"peak {accelerator.device_name()} memory {accelerator.max_memory_allocated() / 2**20:.0f} MiB"]
     if expert_load:
         shares, aux_losses = expert_load.summarize()
         layers = []
@@ -723,6 +775,30 @@ def allow_fp16(config):
     return None
 
 
+def read_offload(config):
+    """Rewrite the MoE tutorial's "cpu_offload": true as DeepSpeed reads it (offload_optimizer, device cpu) and
+    return rank 0's line on what ZeRO-Offload keeps on the host, or None when nothing is offloaded."""
+    zero = config.get("zero_optimization", {})
+    old_spelling = bool(zero.get("cpu_offload"))
+    if old_spelling:
+        offload_to_cpu(zero, parameters=False)
+    places = {}
+    for key, what in (("offload_optimizer", "the optimizer's state and step"), ("offload_param", "the parameters")):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device != "none":
+            places.setdefault(device, []).append(what)
+    if not places:
+        return None
+    offloaded = "; ".join(f"{' and '.join(what)} on the {device}" for device, what in places.items())
+    line = f"ZeRO-Offload: {offloaded} (ZeRO stage {zero.get('stage', 0)}"
+    if config.get("fp16", {}).get("fp16_master_weights_and_grads"):
+        line += ", fp16 master weights and gradients"
+    line += ")"
+    if old_spelling:
+        line += '; the config\'s "cpu_offload": true, as DeepSpeed\'s MoE tutorial writes it, is offload_optimizer device cpu'
+    return line
+
+
 def start_distributed(timeout_minutes=None):
     """Join the process group a launcher set up (or a one-rank group), on this rank's device and cores.
 
@@ -806,7 +882,7 @@ def main(args):
         print(f"cifar10_deepspeed.py: error: {reason}", file=sys.stderr)
         sys.exit(2)
     fp16_note = allow_fp16(config)
-    for note in (config_note, fp16_note):
+    for note in (config_note, fp16_note, read_offload(config)):
         if note and rank == 0:
             print(note)
     args.deepspeed_config = None  # the file is read into `config`; DeepSpeed refuses a config given twice

@@ -40,7 +40,7 @@ THROUGHPUT = re.compile(r"^\[ \d+, +\d+\] (\d+) samples/s, ")
 
 def measure(cmd, env, epochs):
     """Run once; return (mean samples/s over the intervals after the first, seconds to the first step,
-    seconds until the launcher spawned the ranks or None)."""
+    seconds until the launcher spawned the ranks or None, the lines it printed)."""
     start = time.perf_counter()
     proc = subprocess.Popen([*cmd, "-e", str(epochs)], env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -56,7 +56,7 @@ def measure(cmd, env, epochs):
                 startup = time.perf_counter() - start - LOG_INTERVAL * 16 / speeds[0]
     if proc.wait() != 0 or len(speeds) < 2:
         sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{''.join(output[-30:])}")
-    return statistics.mean(speeds[1:]), startup, launcher
+    return statistics.mean(speeds[1:]), startup, launcher, output
 
 
 def main():
@@ -67,7 +67,7 @@ def main():
     results = {name: [] for name, _, _ in CONFIGS}
     for _ in range(args.rounds):
         for name, cmd, env in CONFIGS:
-            results[name].append(measure(cmd, env, args.epochs))
+            results[name].append(measure(cmd, env, args.epochs)[:3])
     plain = statistics.median(run[0] for run in results[CONFIGS[0][0]])
     one_rank = statistics.median(run[0] for run in results[CONFIGS[1][0]])
     print(f"| configuration ({os.cpu_count()} cores, fp32, batch 16) | samples/s | vs plain PyTorch "

@@ -30,7 +30,7 @@ def test_flags_beyond_the_reference_default_to_its_behaviour(parse):
     args = parse()
     assert (args.save_dir, args.resume, args.eval_every, args.metrics_dir, args.seed, args.data_workers) == (
         None, False, 0, None, None, None)
-    assert args.moe_aux_loss_coef == 0 and args.dist_timeout is None
+    assert args.moe_aux_loss_coef == 0 and args.dist_timeout is None and args.offload is None
     moe_defaults = inspect.signature(MoE).parameters  # what the reference's MoE layers get
     assert (args.capacity_factor, args.eval_capacity_factor, args.drop_tokens) == (
         moe_defaults["capacity_factor"].default, moe_defaults["eval_capacity_factor"].default,
@@ -54,6 +54,9 @@ def test_reference_flags_parse(parse):
     (["--moe", "--top-k", "2", "--noisy-gate-policy", "Jitter"], 1),
     (["--moe", "--top-k", "1", "--noisy-gate-policy", "RSample"], 1),
     (["--stage", "3"], 2),
+    (["--stage", "1", "--offload", "cpu"], 1),
+    (["--stage", "3", "--offload", "cpu"], 2),
+    (["--moe", "--stage", "2", "--offload", "cpu", "--ep-world-size", "2", "--num-experts", "2"], 2),
 ])
 def test_valid_mixes_pass(parse, argv, world_size):
     assert reason(parse, *argv, world_size=world_size) is None
@@ -83,6 +86,8 @@ def test_valid_mixes_pass(parse, argv, world_size):
     (["--moe", "--moe-aux-loss-coef", "-0.1"], 1, "--moe-aux-loss-coef must not be negative, got -0.1"),
     (["--data-workers", "-1"], 1, "--data-workers must not be negative, got -1"),
     (["--dist-timeout", "0"], 1, "--dist-timeout must be positive, got 0.0"),
+    (["--offload", "cpu"], 1,
+     "offloading to the cpu needs ZeRO stage 1, 2 or 3 (--stage): stage 0 has no ZeRO optimizer to offload"),
 ])
 def test_bad_mixes_are_rejected_with_the_reason(parse, argv, world_size, expected):
     assert reason(parse, *argv, world_size=world_size) == expected
@@ -95,6 +100,7 @@ def test_bad_mixes_are_rejected_with_the_reason(parse, argv, world_size, expecte
      "argument --noisy-gate-policy: invalid choice: 'Gumbel' (choose from 'None', 'RSample', 'Jitter')"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from 'bf16', 'fp16', 'fp32')"),
     (["--stage", "4"], "argument --stage: invalid choice: 4 (choose from 0, 1, 2, 3)"),
+    (["--offload", "nvme"], "argument --offload: invalid choice: 'nvme' (choose from 'none', 'cpu')"),
 ])
 def test_unknown_choices_exit_2_with_one_line(parse, capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_info:

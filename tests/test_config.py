@@ -5,7 +5,7 @@ import pytest
 
 import cifar10_deepspeed
 from conftest import ROOT
-from cifar10_deepspeed import allow_fp16, check_args, config_dtype, get_ds_config, load_ds_config
+from cifar10_deepspeed import allow_fp16, check_args, config_dtype, get_ds_config, load_ds_config, read_offload
 
 
 def test_ds_config_json_equals_default_config(parse):
@@ -88,6 +88,92 @@ def test_moe_with_stage_3_from_the_config_file_is_rejected(parse, tmp_path):
     args = parse("--deepspeed_config", str(path), "--moe")
     loaded, _ = load_ds_config(args)
     assert "ZeRO stage 3" in check_args(args, loaded, world_size=1)
+
+
+# ZeRO-Offload: --offload, and the MoE tutorial's config file.
+
+OFFLOAD = {"device": "cpu", "pin_memory": True}
+
+
+def test_offload_none_is_the_reference_config(parse):
+    assert get_ds_config(parse("--offload", "none")) == get_ds_config(parse())
+    assert read_offload(get_ds_config(parse())) is None
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offload_cpu_puts_the_optimizer_and_at_stage_3_the_parameters_on_the_host(parse, stage):
+    config = get_ds_config(parse("--offload", "cpu", "--stage", str(stage)))
+    zero = config["zero_optimization"]
+    assert zero["offload_optimizer"] == OFFLOAD and "cpu_offload" not in zero  # DeepSpeed's spelling of today
+    assert zero.get("offload_param") == (OFFLOAD if stage == 3 else None)
+    reference = get_ds_config(parse("--stage", str(stage)))
+    assert {key: value for key, value in config.items() if key != "zero_optimization"} == {
+        key: value for key, value in reference.items() if key != "zero_optimization"}
+    assert read_offload(config) == (
+        "ZeRO-Offload: the optimizer's state and step and the parameters on the cpu (ZeRO stage 3)" if stage == 3 else
+        f"ZeRO-Offload: the optimizer's state and step on the cpu (ZeRO stage {stage})")
+
+
+def test_the_tutorials_cpu_offload_is_read_as_offload_cpu_at_stage_2(parse):
+    """The shipped ds_config_offload.json: "cpu_offload": true becomes exactly what --offload cpu sets."""
+    path = str(ROOT / "ds_config_offload.json")
+    config, _ = load_ds_config(parse("--deepspeed_config", path))
+    assert config["zero_optimization"]["cpu_offload"] is True and config["fp16"]["fp16_master_weights_and_grads"]
+    assert check_args(parse("--deepspeed_config", path), config, world_size=1) is None
+    assert read_offload(config) == (
+        "ZeRO-Offload: the optimizer's state and step on the cpu (ZeRO stage 2, fp16 master weights and gradients); "
+        "the config's \"cpu_offload\": true, as DeepSpeed's MoE tutorial writes it, is offload_optimizer device cpu")
+    config["fp16"]["fp16_master_weights_and_grads"] = False
+    assert config == get_ds_config(parse("--offload", "cpu", "--stage", "2"))
+
+
+def test_offload_cpu_adds_offload_to_a_config_file_without_it(parse):
+    path = str(ROOT / "ds_config.json")
+    loaded, note = load_ds_config(parse("--deepspeed_config", path, "--stage", "3", "--offload", "cpu"))
+    assert loaded == get_ds_config(parse("--stage", "3", "--offload", "cpu"))
+    assert note == f"Using {path}: dtype fp16, ZeRO stage 3 (--stage 3 overrides its stage 0; --offload cpu adds ZeRO-Offload)"
+
+
+@pytest.mark.parametrize("offload, zero, expected", [
+    ("none", {"stage": 2, "cpu_offload": True}, "--offload none contradicts {path}, which offloads to cpu"),
+    ("none", {"stage": 3, "offload_param": {"device": "cpu"}}, "--offload none contradicts {path}, which offloads to cpu"),
+    ("cpu", {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+     "--offload cpu contradicts {path}, which offloads to nvme"),
+])
+def test_offload_contradicting_the_config_file_is_rejected(parse, tmp_path, offload, zero, expected):
+    path = tmp_path / "offload.json"
+    path.write_text(json.dumps({**get_ds_config(parse()), "zero_optimization": zero}))
+    args = parse("--deepspeed_config", str(path), "--offload", offload)
+    loaded, _ = load_ds_config(args)
+    assert check_args(args, loaded, world_size=1) == (
+        expected.format(path=path) + ": drop --offload or change the file")
+
+
+def test_a_config_file_offloading_at_stage_0_is_rejected(parse, tmp_path):
+    path = tmp_path / "stage0.json"
+    path.write_text(json.dumps({**get_ds_config(parse()), "zero_optimization": {"stage": 0, "cpu_offload": True}}))
+    args = parse("--deepspeed_config", str(path))
+    assert check_args(args, load_ds_config(args)[0], world_size=1) == (
+        "offloading to the cpu needs ZeRO stage 1, 2 or 3 (--stage): stage 0 has no ZeRO optimizer to offload")
+
+
+FP16_MASTER = ("fp16_master_weights_and_grads needs fp16 (--dtype fp16) and ZeRO stage 1, 2 or 3 with the optimizer "
+               "offloaded to the cpu (--offload cpu) by DeepSpeed's CPU Adam (not \"torch_adam\")")
+
+
+@pytest.mark.parametrize("flags, torch_adam, expected", [
+    (["--offload", "cpu", "--stage", "2"], False, None),
+    (["--offload", "cpu", "--stage", "3"], False, None),
+    (["--stage", "2"], False, FP16_MASTER),
+    (["--offload", "cpu", "--stage", "2", "--dtype", "bf16"], False, FP16_MASTER),
+    (["--offload", "cpu", "--stage", "2"], True, FP16_MASTER),
+], ids=["zero2-offload", "zero3-offload", "no-offload", "bf16", "torch-adam"])
+def test_fp16_master_weights_need_fp16_and_offload_to_cpu_adam(parse, flags, torch_adam, expected):
+    args = parse(*flags)
+    config = get_ds_config(args)
+    config["fp16"]["fp16_master_weights_and_grads"] = True
+    config["optimizer"]["params"]["torch_adam"] = torch_adam
+    assert check_args(args, config, world_size=1) == expected
 
 
 # The machine: each branch the script takes on a property of the machine, with the property set here.

@@ -88,3 +88,34 @@ def test_deepspeed_step_is_adamw_with_clipping_and_warmup(single_rank_group, par
         assert (ours - start).abs().max() > 1e-4, f"{name} barely moved: the comparison would prove nothing"
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert model_engine.global_steps == STEPS
+
+
+def final_parameters(model_engine):
+    """The engine's parameters as full tensors (gathered from their partitions under ZeRO-3)."""
+    params = list(model_engine.module.named_parameters())
+    with cifar10_deepspeed.deepspeed.zero.GatheredParameters([p for _, p in params],
+                                                             enabled=model_engine.zero_optimization_stage() == 3):
+        return {name: p.detach().clone() for name, p in params}
+
+
+@pytest.mark.parametrize("stage, flags", [(1, []), (2, []), (3, []),
+                                          (2, ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"])],
+                         ids=["dense-zero1", "dense-zero2", "dense-zero3", "moe-top1-rsample-zero2"])
+def test_offload_trains_as_without_it(single_rank_group, parse, stage, flags):
+    """ZeRO-Offload moves where the optimizer runs (and at stage 3 where the parameters live), not what it computes."""
+    finals = {}
+    for offload in ("none", "cpu"):
+        args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * STEPS),
+                     "--synthetic-test-size", "1", "--dtype", "fp32", "--stage", str(stage), "--offload", offload,
+                     *flags)
+        torch.manual_seed(0)
+        net = Net(args)
+        initial = copy.deepcopy(net)
+        model_engine = train_with_deepspeed(net, batches(args), args, get_ds_config(args))
+        assert model_engine.zero_cpu_offload() == (offload == "cpu")
+        assert (model_engine.zero_offload_param() is not None) == (offload == "cpu" and stage == 3)
+        finals[offload] = final_parameters(model_engine)
+    for (name, start), with_offload in zip(initial.named_parameters(), finals["cpu"].values()):
+        assert (with_offload - start).abs().max() > 1e-4, f"{name} barely moved: the comparison would prove nothing"
+        torch.testing.assert_close(with_offload, finals["none"][name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")

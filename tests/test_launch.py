@@ -128,7 +128,7 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
     lines = run.output.splitlines()
     loads = [re.match(r"^\[ \d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss [\d.]+$", line) for line in lines]
     loads = [m for m in loads if m]
-    speeds = [line for line in lines if re.match(r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch$", line)]
+    speeds = [line for line in lines if re.match(r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch, peak cpu memory \d+ MiB$", line)]
     assert len(loads) == len(speeds) == len(run.losses()) == 6  # one of each per log interval
     assert all(99 <= int(m.group(1)) + int(m.group(2)) <= 101 for m in loads)
     assert max(int(loads[-1].group(1)), int(loads[-1].group(2))) <= 70  # the aux loss balanced the router

@@ -2,8 +2,9 @@
 
 The matrix is dtype {fp32, bf16, fp16} x ZeRO {0, 1, 2, 3} x model {dense, MoE
 top-1, MoE top-2, MoE with RSample, PR-MoE} x world {1, 2} x EP {1, 2}, and at
-world 4 the dense net, RSample and PR-MoE with EP {1, 2, 4}, less the mixes
-the script rejects (tested for their error in test_cli.py). Each test is
+world 4 the dense net, RSample and PR-MoE with EP {1, 2, 4}, and an offload
+axis (--offload cpu: ZeRO 1-3 dense, 1-2 RSample and PR-MoE, 1 and 2 ranks), less
+the mixes the script rejects (tested for their error in test_cli.py). Each test is
 one invariant, parametrized by cell, so that a failure names both; TESTING.md
 has the table.
 
@@ -33,7 +34,8 @@ LEARN_STEPS = 300
 LEARN_IN_CI = ["fp32-zero0-dense-w1", "bf16-zero3-dense-w2", "fp32-zero1-top1-w1-ep1",
                "bf16-zero0-top2-w2-ep1", "fp16-zero2-rsample-w1-ep1", "bf16-zero1-rsample-w2-ep2",
                "fp32-zero2-prmoe-w2-ep2", "fp16-zero1-prmoe-w2-ep1", "fp32-zero2-prmoe-w4-ep4",
-               "bf16-zero1-rsample-w4-ep2"]
+               "bf16-zero1-rsample-w4-ep2", "fp16-zero2-rsample-w2-ep2-offload", "bf16-zero3-dense-w2-offload",
+               "fp32-zero1-prmoe-w1-ep1-offload"]
 FULL_MATRIX = os.environ.get("FULL_MATRIX") == "1"
 MIN_ACCURACY = 25  # percent on the synthetic test images, where chance is 10
 MATRIX_TIMEOUT = 3600
@@ -134,7 +136,7 @@ def assert_ranks_agree_and_hold_their_experts(report, cell):
     non-expert parameters end identical on all ranks; experts end identical between the ranks of one
     expert-data-parallel group (the same rank in the expert-parallel group) and different between
     expert-parallel ranks, which hold different experts."""
-    dtype, stage, model, world, ep = parse_cell(cell)
+    dtype, stage, model, world, ep, offload = parse_cell(cell)
     ranks = ranks_of(report, cell)
     assert report["shared_max_diff"] == 0, f"non-expert parameters differ by up to {report['shared_max_diff']}"
     assert [rank["local_experts"] for rank in ranks] == [[n // ep for n in expert_counts(model, ep)]] * world

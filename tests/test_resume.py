@@ -111,13 +111,18 @@ def test_a_rank_missing_its_part_of_the_checkpoint_stops_every_rank(killed_and_r
     assert "Resuming from" not in refusal.output and "Finished Training" not in refusal.output
 
 
-@pytest.mark.parametrize("flags", [
-    ["--dtype", "fp32", "--stage", "2"],
-    ["--dtype", "fp32", "--stage", "1", "--moe", "--ep-world-size", "2", "--num-experts", "2",
-     "--noisy-gate-policy", "RSample"],
-], ids=["dense-zero2", "moe-ep2-zero1-rsample"])
-def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_path, flags):
-    """Resuming from the epoch-1 checkpoint of a 2-epoch run prints that run's epoch 2 and final test again.
+MOE_EP2 = ["--moe", "--ep-world-size", "2", "--num-experts", "2", "--noisy-gate-policy", "RSample"]
+
+
+@pytest.mark.parametrize("flags, resumes", [
+    (["--dtype", "fp32", "--stage", "2"], {"as saved": ([], False), "with offload": (["--offload", "cpu"], True)}),
+    (["--dtype", "fp32", "--stage", "1", *MOE_EP2], {"as saved": ([], False)}),
+    (["--dtype", "fp32", "--stage", "2", *MOE_EP2, "--moe-param-group", "--offload", "cpu"],
+     {"as saved": ([], True), "without offload": (["--offload", "none"], False)}),
+], ids=["dense-zero2", "moe-ep2-zero1-rsample", "moe-ep2-zero2-offload"])
+def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_path, flags, resumes):
+    """Resuming from the epoch-1 checkpoint of a 2-epoch run prints that run's epoch 2 and final test again,
+    also when the resumed run offloads where the saved one did not, or the reverse.
 
     In fp32, where rounding differences stay in the last bits of the weights (see the fp16 test above).
     """
@@ -125,17 +130,20 @@ def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_pat
            "--synthetic-train-size", "800", "--synthetic-test-size", "200", *flags]
     full = launch(*cmd, "--save-dir", tmp_path / "full")
     assert full.returncode == 0, full.output[-3000:]
-    subprocess.run(["cp", "-r", str(tmp_path / "full"), str(tmp_path / "resumed")], check=True)
-    (tmp_path / "resumed" / "latest").write_text("epoch1")
 
-    resumed = launch(*cmd, "--save-dir", tmp_path / "resumed", "--resume")
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "at epoch 2" in resumed.output
     def epoch_2_and_test(run):
         return [line for line in run.output.splitlines() if line.startswith(("[ 2, ", "Accuracy of"))
                 and "samples/s" not in line]
     assert len(epoch_2_and_test(full)) > 11
-    assert epoch_2_and_test(resumed) == epoch_2_and_test(full)
+    for name, (extra, offloaded) in resumes.items():
+        save_dir = tmp_path / name.replace(" ", "-")
+        subprocess.run(["cp", "-r", str(tmp_path / "full"), str(save_dir)], check=True)
+        (save_dir / "latest").write_text("epoch1")
+        resumed = launch(*cmd, *extra, "--save-dir", save_dir, "--resume")
+        assert resumed.returncode == 0, f"resumed {name}:\n{resumed.output[-3000:]}"
+        assert "at epoch 2" in resumed.output
+        assert ("ZeRO-Offload: the optimizer's state and step on the cpu" in resumed.output) == offloaded
+        assert epoch_2_and_test(resumed) == epoch_2_and_test(full), f"resumed {name}"
 
 
 @pytest.fixture(scope="module")

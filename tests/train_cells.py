@@ -44,7 +44,8 @@ MODELS = {
     "tutorial": ["--moe", "--noisy-gate-policy", "RSample"],  # DeepSpeed's MoE tutorial
 }
 EXPERTS = {"dense": [], "prmoe": [2, 4], "tutorial": [8]}  # experts per MoE layer; the others have one layer of 2
-CELL = re.compile(r"^(?P<dtype>fp32|bf16|fp16)-zero(?P<stage>[0-3])-(?P<model>\w+)-w(?P<world>[124])(-ep(?P<ep>[124]))?$")
+CELL = re.compile(r"^(?P<dtype>fp32|bf16|fp16)-zero(?P<stage>[0-3])-(?P<model>[a-z0-9]+)-w(?P<world>[124])"
+                  r"(-ep(?P<ep>[124]))?(?P<offload>-offload)?$")
 OVERFLOW_STEPS = (4, 5)  # two in a row: with hysteresis 2 the scale drops at the second
 SEED = 0
 
@@ -66,6 +67,16 @@ def all_cells():
                     cells += [f"{dtype}-zero{stage}-dense-w{world}" for world in (1, 2, 4)]
                 elif stage < 3:  # MoE with ZeRO-3 is rejected
                     cells += [f"{dtype}-zero{stage}-{model}-w{world}-ep{ep}" for world, ep in moe_worlds[model]]
+    return cells + offload_cells()
+
+
+def offload_cells():
+    """ZeRO-Offload (--offload cpu): ZeRO stages 1-3 for the dense net, 1-2 for RSample and PR-MoE, on 1 and 2 ranks."""
+    cells = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        cells += [f"{dtype}-zero{stage}-dense-w{world}-offload" for stage in (1, 2, 3) for world in (1, 2)]
+        cells += [f"{dtype}-zero{stage}-{model}-w{world}-ep{ep}-offload" for model in ("rsample", "prmoe")
+                  for stage in (1, 2) for world, ep in ((1, 1), (2, 1), (2, 2))]
     return cells
 
 
@@ -80,14 +91,17 @@ def parse_cell(cell):
     match = CELL.match(cell)
     if not match or match["model"] not in MODELS:
         raise ValueError(f"not a cell: {cell}")
-    return match["dtype"], int(match["stage"]), match["model"], int(match["world"]), int(match["ep"] or 1)
+    return (match["dtype"], int(match["stage"]), match["model"], int(match["world"]), int(match["ep"] or 1),
+            bool(match["offload"]))
 
 
 def cell_flags(cell, steps):
-    dtype, stage, model, world, ep = parse_cell(cell)
+    dtype, stage, model, world, ep, offload = parse_cell(cell)
     flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * steps),
              "--synthetic-test-size", "400", "--data-workers", "0", "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
              *MODELS[model]]
+    if offload:
+        flags += ["--offload", "cpu"]
     if model != "dense":
         flags += ["--num-experts", *map(str, expert_counts(model, ep)), "--ep-world-size", str(ep), "--moe-param-group"]
     return flags
