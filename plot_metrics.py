@@ -2,8 +2,9 @@
 
     python plot_metrics.py DIR [-o metrics.png]
 
-Panels: training loss and learning rate, test accuracy, and each MoE layer's
-share of tokens per expert, all against training samples seen.
+Panels: training loss (each step's, and its running mean) and learning rate,
+test accuracy, and each MoE layer's share of tokens per expert, all against
+training samples seen.
 """
 
 import argparse
@@ -30,6 +31,14 @@ def read_csv(path):
     return steps, [values[s] for s in steps]
 
 
+def running_mean(values, window):
+    """The mean of each value and the up to `window - 1` values before it."""
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
+
+
 def find_metrics(metrics_dir):
     """The folder holding the CSV files: DIR itself, or the job folder DeepSpeed made inside it."""
     for folder in (metrics_dir, os.path.join(metrics_dir, "cifar10")):
@@ -45,16 +54,21 @@ def plot(metrics_dir, output):
     fig, axes = plt.subplots(2 + len(layers), 1, figsize=(8, 3 * (2 + len(layers))), sharex=True, squeeze=False)
     axes = axes[:, 0]
 
+    lines = []
     loss = os.path.join(folder, "Train_Samples_train_loss.csv")
     if os.path.exists(loss):
-        axes[0].plot(*read_csv(loss), lw=0.5, alpha=0.4, label="train loss (step)")
+        steps, losses = read_csv(loss)
+        window = max(1, len(losses) // 50)  # 2% of the run: the trend, without each batch's noise
+        lines += axes[0].plot(steps, losses, color="tab:blue", lw=0.5, alpha=0.3, label="train loss (step)")
+        lines += axes[0].plot(steps, running_mean(losses, window), color="tab:blue", lw=1.5,
+                              label=f"train loss (mean of {window} steps)")
     lr = os.path.join(folder, "Train_Samples_lr.csv")
     if os.path.exists(lr):
         twin = axes[0].twinx()
-        twin.plot(*read_csv(lr), color="tab:gray", lw=1, label="learning rate")
+        lines += twin.plot(*read_csv(lr), color="tab:gray", lw=1, label="learning rate (right axis)")
         twin.set_ylabel("learning rate")
     axes[0].set_ylabel("loss")
-    axes[0].legend(loc="upper right")
+    axes[0].legend(lines, [line.get_label() for line in lines], loc="upper right")
 
     accuracy = os.path.join(folder, "Eval_accuracy.csv")
     if os.path.exists(accuracy):
@@ -74,6 +88,7 @@ def plot(metrics_dir, output):
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     print(f"wrote {output}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""plot_metrics.py: the PNG of a --metrics-dir run (a real run's PNG is drawn in test_launch.py)."""
+
+import math
+import random
+
+import plot_metrics
+
+
+def write_metric(folder, name, values):
+    """A CSV file as DeepSpeed's CSV monitor writes it: a header, then step,value rows."""
+    rows = "".join(f"{step},{value}\n" for step, value in values)
+    (folder / f"{name}.csv").write_text(f"step,{name}\n{rows}")
+
+
+def test_running_mean_averages_each_value_with_those_before_it():
+    assert plot_metrics.running_mean([4, 2, 6, 0, 10], 2) == [4, 3, 4, 3, 5]
+    assert plot_metrics.running_mean([1, 2, 3], 5) == [1, 1.5, 2]
+
+
+def test_the_loss_panel_draws_the_smoothed_loss_over_the_raw_one_and_names_the_learning_rate(tmp_path):
+    folder = tmp_path / "metrics" / "cifar10"
+    folder.mkdir(parents=True)
+    noise = random.Random(0)
+    steps = range(16, 16 * 1001, 16)
+    write_metric(folder, "Train_Samples_train_loss", [(s, 2.3 * math.exp(-s / 8000) + noise.uniform(-0.5, 0.5))
+                                                      for s in steps])
+    write_metric(folder, "Train_Samples_lr", [(s, 0.001 * min(1, s / 8000)) for s in steps])
+
+    fig = plot_metrics.plot(str(tmp_path / "metrics"), tmp_path / "metrics.png")
+    loss_panel = fig.axes[0]
+    assert [text.get_text() for text in loss_panel.get_legend().get_texts()] == [
+        "train loss (step)", "train loss (mean of 20 steps)", "learning rate (right axis)"]
+    raw, smoothed = (line.get_ydata() for line in loss_panel.get_lines())
+    jumps = lambda ys: sum(abs(b - a) for a, b in zip(ys, ys[1:]))
+    assert jumps(smoothed) < jumps(raw) / 10  # the noise is gone
+    assert smoothed[-1] < smoothed[100] < smoothed[20]  # the trend stays
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
