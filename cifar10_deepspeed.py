@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
 import os
 import re
 import socket
@@ -22,13 +23,17 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 import torch.nn as nn
+import torch._inductor.config
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as transforms
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import logger
 from PIL import Image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -102,11 +107,22 @@ def build_parser():
                         help="evaluate every N epochs (default: 0, only at the end)")
     parser.add_argument("--metrics-dir", default=None,
                         help="write metrics as CSV files here with DeepSpeed's CSV monitor (plot: plot_metrics.py)")
+    parser.add_argument("--tensorboard-dir", default=None,
+                        help="write the same metrics as TensorBoard event files here, with DeepSpeed's TensorBoard "
+                             "monitor (view: tensorboard --logdir DIR)")
+    parser.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                        help="a live bar of each epoch's steps on rank 0 when its output is a terminal "
+                             "(default: on; never in logs or pipes)")
 
     # ZeRO-Offload: beyond the reference.
     parser.add_argument("--offload", default=None, choices=["none", "cpu"],
                         help="cpu: ZeRO-Offload, the optimizer's state and step on the host (ZeRO stages 1-3), and at "
                              "stage 3 the parameters too (default: none; with --deepspeed_config, the file's)")
+
+    # Speed: beyond the reference.
+    parser.add_argument("--compile", default=False, action="store_true",
+                        help="compile the model with torch.compile through DeepSpeed's engine.compile() "
+                             "(default: eager)")
 
     # Several processes and nodes: beyond the reference.
     parser.add_argument("--dist-timeout", default=None, type=float, metavar="MINUTES",
@@ -687,16 +703,20 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
         step_losses = []  # (samples seen, loss) of each step, on the device: read only at log intervals
         epoch_start = interval_start = time.perf_counter()
-        for i, (inputs, labels) in enumerate(trainloader):
-            loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef)
-            if expert_load:
-                expert_load.add(net)
-            step_losses.append((model_engine.global_samples, loss))
-            if i % args.log_interval == args.log_interval - 1:
-                losses = write_step_losses(model_engine, step_losses)
-                log_progress(model_engine, epoch, i, sum(losses) / len(losses), time.perf_counter() - interval_start,
-                             len(trainloader), args.log_interval, expert_load)
-                interval_start = time.perf_counter()
+        with progress_bar(args, len(trainloader), epoch) as bar, logging_redirect_tqdm([logger]):
+            for i, (inputs, labels) in enumerate(trainloader):
+                loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef)
+                if expert_load:
+                    expert_load.add(net)
+                step_losses.append((model_engine.global_samples, loss))
+                advance(bar, model_engine, step_losses, expert_load)
+                if i % args.log_interval == args.log_interval - 1:
+                    losses = write_step_losses(model_engine, step_losses)
+                    with tqdm.external_write_mode(file=sys.stdout):
+                        log_progress(model_engine, epoch, i, sum(losses) / len(losses),
+                                     time.perf_counter() - interval_start, len(trainloader), args.log_interval,
+                                     expert_load)
+                    interval_start = time.perf_counter()
         if step_losses:
             write_step_losses(model_engine, step_losses)
         model_engine.monitor.write_events([("Train/Epoch/seconds", time.perf_counter() - epoch_start, epoch + 1)])
@@ -709,6 +729,32 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
             if dist.get_rank() == 0:
                 print(f"[{epoch + 1}] accuracy of the network on the {sum(class_total)} test images: {accuracy:.1f} %")
             model_engine.monitor.write_events([("Eval/accuracy", accuracy, model_engine.global_samples)])
+
+
+BAR_EVERY = 20  # steps between the bar's readings of the loss and expert load (each one a host read)
+
+
+def progress_bar(args, steps, epoch):
+    """Rank 0's live bar of the epoch's steps when its standard output is a terminal; a disabled bar (tqdm's no-op)
+    otherwise, so that logs and pipes get exactly the printed lines. It is erased when the epoch ends."""
+    show = args.progress and dist.get_rank() == 0 and sys.stdout.isatty()
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout, leave=False, disable=not show,
+                dynamic_ncols=True)
+
+
+def advance(bar, model_engine, step_losses, expert_load):
+    """One step on the bar; every BAR_EVERY steps also samples/s, the running loss and, with MoE, each layer's
+    busiest expert's share of rank 0's tokens since the last log line."""
+    bar.update()
+    if bar.disable or bar.n % BAR_EVERY:
+        return
+    rate = bar.format_dict["rate"] or 0
+    postfix = {"samples/s": f"{rate * model_engine.train_batch_size():.0f}",
+               "loss": f"{torch.stack([loss for _, loss in step_losses[-BAR_EVERY:]]).mean().item():.3f}"}
+    if expert_load:
+        postfix["busiest expert"] = " ".join(f"{100 * (c.max() / c.sum().clamp(min=1)).item():.0f}%"
+                                             for c in expert_load.counts)
+    bar.set_postfix(postfix)
 
 
 def use_single_process_defaults():
@@ -850,9 +896,45 @@ def input_dtype(model_engine):
     return None
 
 
+def compile_model(model_engine, args):
+    """Compile the model through DeepSpeed's engine.compile() with the accelerator's backend (inductor on CPU and
+    CUDA), or say in one line why it cannot and train eagerly. Rank 0 says which, before training.
+
+    A one-op function is compiled first: it fails at once where the machine
+    cannot compile (inductor needs a C++ compiler on a CPU, Triton on a GPU).
+    Random ops in the compiled model draw PyTorch's eager numbers (inductor's
+    fallback_random), so a seeded run's gate noise and trace match eager training.
+    DeepSpeed's MoE gate reads the expert capacity on the host, where the graph
+    breaks and that part runs eagerly; the line says so, and dynamo's own
+    multi-line note of it is kept quiet.
+    """
+    backend = get_accelerator().get_compile_backend()
+    device = get_accelerator().device_name(model_engine.local_rank)
+    try:
+        torch.compile(lambda x: x + 1, backend=backend)(torch.zeros(2, device=device))
+    except Exception as e:  # the backend's compiler is missing or broken: any error means eager training
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        line = f"--compile: cannot compile on this machine ({backend}: {reason}); training eagerly"
+    else:
+        torch._inductor.config.fallback_random = True
+        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+        model_engine.compile(backend=backend)
+        breaks = "; the MoE gate's capacity, read on the host, runs eagerly between compiled parts" if args.moe else ""
+        line = f"--compile: the model is compiled with torch.compile ({backend}) as its first steps run{breaks}"
+    if dist.get_rank() == 0:
+        print(line, flush=True)
+
+
 def can_shard_eval(args, model_engine):
     """Whether each rank may evaluate its own share of the test set (see count_correct)."""
     return not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3
+
+
+def add_monitors(config, args):
+    """DeepSpeed's CSV and TensorBoard monitors, as asked: each gets every series the run writes (job cifar10)."""
+    for key, folder in (("csv_monitor", args.metrics_dir), ("tensorboard", args.tensorboard_dir)):
+        if folder:
+            config[key] = {"enabled": True, "output_path": folder, "job_name": "cifar10"}
 
 
 @contextlib.contextmanager
@@ -886,13 +968,15 @@ def main(args):
         if note and rank == 0:
             print(note)
     args.deepspeed_config = None  # the file is read into `config`; DeepSpeed refuses a config given twice
-    if args.metrics_dir:
-        config["csv_monitor"] = {"enabled": True, "output_path": args.metrics_dir, "job_name": "cifar10"}
+    add_monitors(config, args)
 
     start_distributed(args.dist_timeout)
     model_engine, trainloader, testset = initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = input_dtype(model_engine)
+
+    if args.compile:
+        compile_model(model_engine, args)
 
     start_epoch = resume(model_engine, args) if args.resume else 0
     shard_eval = can_shard_eval(args, model_engine)

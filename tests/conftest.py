@@ -180,13 +180,18 @@ def machine(tmp_path):
     """Environment settings that make a launched run see the machine a test asks for (tests/fake_machine).
 
     native_fp16: whether DeepSpeed's CPU accelerator reports native fp16 kernels;
-    numactl: whether numactl is installed (a stand-in that runs the command on its cores).
+    numactl: whether numactl is installed (a stand-in that runs the command on its cores);
+    cxx: whether torch.compile finds a C++ compiler (False: none, and an empty inductor cache).
     """
-    def settings(native_fp16=None, numactl=None):
+    def settings(native_fp16=None, numactl=None, cxx=None):
         env = {}
-        if native_fp16 is not None:
+        if native_fp16 is not None or cxx is False:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MACHINE), os.environ.get("PYTHONPATH")]))
+        if native_fp16 is not None:
             env["FAKE_NATIVE_FP16"] = "1" if native_fp16 else "0"
+        if cxx is False:
+            env["FAKE_NO_CXX"] = "1"
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-cache")  # nothing compiled earlier to reuse
         if numactl is not None:
             path = path_without("numactl", tmp_path / "bin-without-numactl")
             env["PATH"] = f"{FAKE_MACHINE / 'bin'}{os.pathsep}{path}" if numactl else path

@@ -7,6 +7,8 @@ module right after Python executes it:
     FAKE_NATIVE_FP16=1 or 0   DeepSpeed's CPU accelerator reports native fp16 kernels, or none
     FAKE_CIFAR10=<json>       torchvision's CIFAR10 downloads from the test's server: the json
                               holds url, tgz_md5 and each batch file's md5 (tests/cifar_files.py)
+    FAKE_NO_CXX=1             torch.compile's inductor finds no C++ compiler (DeepSpeed's compiled
+                              CPU ops still load from their cache)
 """
 
 import importlib.abc
@@ -30,9 +32,14 @@ def download_from_the_test_server(module):
     module.CIFAR10.meta = {**module.CIFAR10.meta, "md5": archive["md5"]["batches.meta"]}
 
 
+def no_cxx_for_inductor(module):
+    module.cpp.cxx = (None, "no-such-c++")
+
+
 PATCHES = {  # module: (setting, patch)
     "deepspeed.accelerator.cpu_accelerator": ("FAKE_NATIVE_FP16", report_native_fp16),
     "torchvision.datasets.cifar": ("FAKE_CIFAR10", download_from_the_test_server),
+    "torch._inductor.config": ("FAKE_NO_CXX", no_cxx_for_inductor),
 }
 
 

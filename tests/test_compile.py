@@ -1,0 +1,55 @@
+"""--compile: the model compiled through DeepSpeed's engine.compile() trains as the eager model does."""
+
+import csv
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STEPS = 25
+FLAGS = ["--deepspeed", "--dataset", "synthetic", "--seed", "0", "--synthetic-train-size", str(16 * STEPS),
+         "--synthetic-test-size", "100", "-e", "1", "--log-interval", "5"]
+MOE = ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"]
+COMPILED = "--compile: the model is compiled with torch.compile (inductor) as its first steps run"
+
+
+def step_losses(metrics):
+    with open(metrics / "cifar10" / "Train_Samples_train_loss.csv") as f:
+        return [float(value) for step, value in csv.reader(f) if step != "step"]
+
+
+@pytest.mark.parametrize("model", [[], MOE], ids=["dense", "moe-top1-rsample"])
+def test_compiled_training_follows_the_eager_loss_trace(launch, script, tmp_path, model):
+    """One fp32 rank, the same seed, 25 steps: every step's loss within a relative 1e-4 of eager training's."""
+    cmd = ["python", script, *FLAGS, "--dtype", "fp32", *model]
+    eager = launch(*cmd, "--metrics-dir", tmp_path / "eager")
+    compiled = launch(*cmd, "--compile", "--metrics-dir", tmp_path / "compiled",
+                      env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
+    for run in (eager, compiled):
+        assert run.returncode == 0, run.output[-3000:]
+    expected = COMPILED + ("; the MoE gate's capacity, read on the host, runs eagerly between compiled parts"
+                           if model else "")
+    assert [line for line in compiled.output.splitlines() if line.startswith("--compile")] == [expected]
+    assert any((tmp_path / "inductor-cache").rglob("*.py")), "inductor generated no code: nothing was compiled"
+    assert "--compile" not in eager.output
+    eager_losses, compiled_losses = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert len(eager_losses) == STEPS and len(set(eager_losses)) > 1
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_compiled_training_runs_in_half_precision(launch, script, tmp_path, dtype):
+    run = launch("python", script, *FLAGS, "--dtype", dtype, *MOE, "--compile",
+                 env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
+    assert run.returncode == 0, run.output[-3000:]
+    assert COMPILED in run.output
+    assert len(run.losses()) == STEPS // 5 and "Finished Training" in run.output
+
+
+def test_without_a_compiler_it_says_so_and_trains_eagerly(launch, script, machine):
+    run = launch("python", script, *FLAGS, "--dtype", "fp32", "--compile", env=machine(cxx=False))
+    assert run.returncode == 0, run.output[-3000:]
+    lines = [line for line in run.output.splitlines() if line.startswith("--compile")]
+    assert len(lines) == 1 and lines[0].startswith("--compile: cannot compile on this machine (inductor: ")
+    assert lines[0].endswith("); training eagerly")
+    assert len(run.losses()) == STEPS // 5 and "Finished Training" in run.output
