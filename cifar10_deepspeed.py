@@ -703,7 +703,7 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
         step_losses = []  # (samples seen, loss) of each step, on the device: read only at log intervals
         epoch_start = interval_start = time.perf_counter()
-        with progress_bar(args, len(trainloader), epoch) as bar, logging_redirect_tqdm([logger]):
+        with progress_bar(args, len(trainloader), epoch) as bar:
             for i, (inputs, labels) in enumerate(trainloader):
                 loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef)
                 if expert_load:
@@ -734,12 +734,16 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
 BAR_EVERY = 20  # steps between the bar's readings of the loss and expert load (each one a host read)
 
 
+@contextlib.contextmanager
 def progress_bar(args, steps, epoch):
-    """Rank 0's live bar of the epoch's steps when its standard output is a terminal; a disabled bar (tqdm's no-op)
-    otherwise, so that logs and pipes get exactly the printed lines. It is erased when the epoch ends."""
+    """Rank 0's live bar of the epoch's steps when its standard output is a terminal, erased when the epoch
+    ends; DeepSpeed's log lines are then written above it. Otherwise a disabled bar (tqdm's no-op), so that
+    logs and pipes get exactly the printed lines."""
     show = args.progress and dist.get_rank() == 0 and sys.stdout.isatty()
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout, leave=False, disable=not show,
-                dynamic_ncols=True)
+    with (tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout, leave=False, disable=not show,
+               dynamic_ncols=True) as bar,
+          logging_redirect_tqdm([logger]) if show else contextlib.nullcontext()):
+        yield bar
 
 
 def advance(bar, model_engine, step_losses, expert_load):

@@ -6,19 +6,25 @@ Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
 reads the throughput lines both programs print and reports the samples per
 second (median over rounds of the mean over log intervals after the first),
-the ratio to the plain loop, and the seconds from launch to the first
-training step (the time of the first throughput line less the interval it
-measured), and for launcher runs the part of it before DeepSpeed's launcher
-spawned the ranks (when it logs "spawned with command"). Prints a Markdown
-table.
+the ratio to the plain loop, and the start-up: the seconds from launch until
+training runs at that speed (the time of the first throughput line less the
+time its interval would take at the later intervals' speed, so a first
+interval slowed by compiling counts in the start-up), and for launcher runs
+the part of it before DeepSpeed's launcher spawned the ranks (when it logs
+"spawned with command"). The --compile rows run with inductor's cache cold
+(a new, empty one each run: what a first run pays) or warm (one filled by a
+run before the rounds: what a re-run pays). Prints a Markdown table.
 """
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +32,8 @@ LOG_INTERVAL = 50
 DATA = ["--dataset", "synthetic", "--dtype", "fp32", "--log-interval", str(LOG_INTERVAL)]
 SCRIPT = [sys.executable, os.path.join(ROOT, "cifar10_deepspeed.py"), "--deepspeed", *DATA]
 MOE = ["--moe", "--num-experts", "2", "--top-k", "1"]
+COLD, WARM = {"TORCHINDUCTOR_CACHE_DIR": None}, {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-warm-")}
+atexit.register(shutil.rmtree, WARM["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 CONFIGS = [
     ("plain PyTorch, dense, 1 process", [sys.executable, os.path.join(ROOT, "bench", "plain_loop.py"),
                                          "--log-interval", str(LOG_INTERVAL)], {}),
@@ -34,29 +42,36 @@ CONFIGS = [
     ("DeepSpeed, MoE 2 experts top-1, 1 rank (python)", SCRIPT + MOE, {}),
     ("DeepSpeed, dense, 2 ranks (NUM_GPUS=2 run_ds.sh)", [os.path.join(ROOT, "run_ds.sh"), *DATA], {"NUM_GPUS": "2"}),
     ("DeepSpeed, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA], {}),
+    ("DeepSpeed, dense, 1 rank, --compile, inductor's cache cold", SCRIPT + ["--compile"], COLD),
+    ("DeepSpeed, dense, 1 rank, --compile, cache warm", SCRIPT + ["--compile"], WARM),
+    ("DeepSpeed, MoE 2 experts top-1, 1 rank, --compile, cache cold", SCRIPT + MOE + ["--compile"], COLD),
+    ("DeepSpeed, MoE 2 experts top-1, 1 rank, --compile, cache warm", SCRIPT + MOE + ["--compile"], WARM),
 ]
 THROUGHPUT = re.compile(r"^\[ \d+, +\d+\] (\d+) samples/s, ")
 
 
 def measure(cmd, env, epochs):
-    """Run once; return (mean samples/s over the intervals after the first, seconds to the first step,
-    seconds until the launcher spawned the ranks or None, the lines it printed)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "-e", str(epochs)], env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    speeds, startup, launcher, output = [], None, None, []
-    for line in proc.stdout:
-        output.append(line)
-        if launcher is None and "spawned with command" in line:
-            launcher = time.perf_counter() - start
-        match = THROUGHPUT.match(line)
-        if match:
-            speeds.append(int(match.group(1)))
-            if startup is None:
-                startup = time.perf_counter() - start - LOG_INTERVAL * 16 / speeds[0]
-    if proc.wait() != 0 or len(speeds) < 2:
-        sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{''.join(output[-30:])}")
-    return statistics.mean(speeds[1:]), startup, launcher, output
+    """Run once; return (mean samples/s over the intervals after the first, seconds until training ran at that
+    speed, seconds until the launcher spawned the ranks or None, the lines it printed). An environment value
+    None is a new, empty folder (a cold cache)."""
+    with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cold:
+        start = time.perf_counter()
+        proc = subprocess.Popen([*cmd, "-e", str(epochs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, **{name: value or cold for name, value in env.items()}}, text=True)
+        speeds, first_line, launcher, output = [], None, None, []
+        for line in proc.stdout:
+            output.append(line)
+            if launcher is None and "spawned with command" in line:
+                launcher = time.perf_counter() - start
+            match = THROUGHPUT.match(line)
+            if match:
+                speeds.append(int(match.group(1)))
+                if first_line is None:
+                    first_line = time.perf_counter() - start
+        if proc.wait() != 0 or len(speeds) < 2:
+            sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{''.join(output[-30:])}")
+    speed = statistics.mean(speeds[1:])
+    return speed, first_line - LOG_INTERVAL * 16 / speed, launcher, output
 
 
 def main():
@@ -65,6 +80,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     results = {name: [] for name, _, _ in CONFIGS}
+    for _, cmd, env in (config for config in CONFIGS if config[2] is WARM):
+        measure(cmd, env, 1)  # fills the warm cache
     for _ in range(args.rounds):
         for name, cmd, env in CONFIGS:
             results[name].append(measure(cmd, env, args.epochs)[:3])
