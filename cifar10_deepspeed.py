@@ -188,6 +188,9 @@ def get_ds_config(args):
     return config
 
 
+OFFLOADED = {"offload_optimizer": "the optimizer's state and step", "offload_param": "the parameters"}
+
+
 def offload_to_cpu(zero, parameters):
     """Set ZeRO-Offload in a config's zero_optimization, as DeepSpeed spells it today: the optimizer's state
     and step on the host, and with `parameters` (ZeRO-3) the parameters too.
@@ -203,7 +206,7 @@ def offload_to_cpu(zero, parameters):
 
 def offload_device(zero):
     """Where a config's zero_optimization offloads to: "none", "cpu" or "nvme" (the old "cpu_offload": true is cpu)."""
-    devices = {(zero.get(key) or {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+    devices = {(zero.get(key) or {}).get("device", "none") for key in OFFLOADED}
     if zero.get("cpu_offload"):
         devices.add("cpu")
     return "+".join(sorted(devices - {"none"})) or "none"
@@ -833,7 +836,7 @@ def read_offload(config):
     if old_spelling:
         offload_to_cpu(zero, parameters=False)
     places = {}
-    for key, what in (("offload_optimizer", "the optimizer's state and step"), ("offload_param", "the parameters")):
+    for key, what in OFFLOADED.items():
         device = (zero.get(key) or {}).get("device", "none")
         if device != "none":
             places.setdefault(device, []).append(what)
