@@ -137,11 +137,12 @@ def test_the_bar_advances_in_a_terminal_and_the_printed_lines_stay_as_they_are(s
         assert len(set(counts)) >= 3 and counts == sorted(counts) and counts[-1] == 50, bars
     assert re.search(r"samples/s=\d+, loss=\d\.\d{3}, busiest expert=\d+%\]", shown)
 
-    piped = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert piped.returncode == 0 and "\r" not in piped.stdout and "\x1b" not in piped.stdout
-    assert "epoch 1:" not in piped.stdout
-    assert script_lines(screen_lines(shown)) == script_lines(piped.stdout.splitlines())
-    assert len(script_lines(piped.stdout.splitlines())) == 3 * 10 + 1 + 11  # loss, speed, load; finished; test
+    proc = start(cmd, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    piped = finish(proc, timeout=300)[0]
+    assert proc.returncode == 0 and "\r" not in piped and "\x1b" not in piped
+    assert "epoch 1:" not in piped
+    assert script_lines(screen_lines(shown)) == script_lines(piped.splitlines())
+    assert len(script_lines(piped.splitlines())) == 3 * 10 + 1 + 11  # loss, speed, load; finished; test
 
 
 def test_no_progress_keeps_the_terminal_free_of_the_bar(script, tmp_path, op_cache):
