@@ -1,3 +1,4 @@
+import csv
 import os
 import re
 import signal
@@ -72,6 +73,15 @@ class Run:
         assert len(losses) >= 2 and losses[-1] < losses[0] * 0.8, f"loss did not fall: {losses}"
         assert "Finished Training" in self.output
         assert self.accuracy() >= min_accuracy, self.output[-1500:]
+
+
+def metric(metrics_dir, name):
+    """One series of a --metrics-dir run, as DeepSpeed's CSV monitor wrote it: {step: value}, in step order.
+
+    A resumed run appends a header and the steps it repeats: the later value of a step wins.
+    """
+    with open(metrics_dir / "cifar10" / f"{name}.csv") as f:
+        return {int(step): float(value) for step, value in csv.reader(f) if step != "step"}
 
 
 def launch_env(env=None):

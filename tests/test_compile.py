@@ -1,8 +1,8 @@
 """--compile: the model compiled through DeepSpeed's engine.compile() trains as the eager model does."""
 
-import csv
-
 import pytest
+
+from conftest import metric
 
 pytestmark = pytest.mark.slow
 
@@ -13,9 +13,8 @@ MOE = ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"]
 COMPILED = "--compile: the model is compiled with torch.compile (inductor) as its first steps run"
 
 
-def step_losses(metrics):
-    with open(metrics / "cifar10" / "Train_Samples_train_loss.csv") as f:
-        return [float(value) for step, value in csv.reader(f) if step != "step"]
+def step_losses(metrics_dir):
+    return list(metric(metrics_dir, "Train_Samples_train_loss").values())
 
 
 @pytest.mark.parametrize("model", [[], MOE], ids=["dense", "moe-top1-rsample"])

@@ -1,6 +1,5 @@
 """Checkpoints: save every epoch, resume after a rank is killed, refuse checkpoints that do not fit."""
 
-import csv
 import json
 import os
 import re
@@ -11,17 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, run_command, start
+from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, metric, run_command, start
 
 pytestmark = pytest.mark.slow
 
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 STEPS_PER_EPOCH = 200  # of the killed run; 600 in all, past the loss scale's first rise at step 501
-
-
-def metric(metrics_dir, name):
-    with open(metrics_dir / "cifar10" / f"{name}.csv") as f:
-        return {int(step): float(value) for step, value in csv.reader(f) if step != "step"}  # a resume adds a header
 
 
 def kill_rank_1_at(cmd, cwd, marker):

@@ -1,6 +1,5 @@
 """Watching a run: DeepSpeed's TensorBoard monitor, and the live progress bar in a terminal."""
 
-import csv
 import fcntl
 import os
 import pty
@@ -12,7 +11,7 @@ import termios
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import finish, start
+from conftest import finish, metric, start
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +30,6 @@ def scalars(folder):
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def csv_series(folder):
-    series = {}
-    for path in folder.glob("*.csv"):
-        with open(path) as f:
-            series[path.stem] = [(int(step), float(value)) for step, value in csv.reader(f) if step != "step"]
-    return series
-
-
 def printed(pattern, output):
     return [match.groups() for match in re.finditer(pattern, output, re.M)]
 
@@ -47,7 +38,9 @@ def test_tensorboard_holds_every_csv_series_and_the_printed_values(launch, scrip
     run = launch("python", script, *SYNTHETIC, "--dtype", "fp16", "-e", "2", "--eval-every", "1", *MOE,
                  "--metrics-dir", tmp_path / "csv", "--tensorboard-dir", tmp_path / "tb")
     assert run.returncode == 0, run.output[-3000:]
-    board, table = scalars(tmp_path / "tb" / "cifar10"), csv_series(tmp_path / "csv" / "cifar10")
+    board = scalars(tmp_path / "tb" / "cifar10")
+    table = {path.stem: list(metric(tmp_path / "csv", path.stem).items())
+             for path in (tmp_path / "csv" / "cifar10").glob("*.csv")}
     assert {tag.replace("/", "_") for tag in board} == set(table)  # the same series as the CSV monitor writes
     assert {"Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/loss_scale", "Train/Samples/samples_per_sec",
             "MoE/layer0_expert0_share", "MoE/layer0_expert1_share", "MoE/layer0_aux_loss", "Train/Epoch/seconds",
