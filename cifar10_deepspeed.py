@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -29,8 +30,9 @@ import torchvision
 import torchvision.transforms as transforms
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import logger
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
+from deepspeed.utils import groups, logger
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -86,8 +88,8 @@ def build_parser():
                         help="data-loader worker processes per rank (default: chosen from the rank's cores; "
                              "0 on DeepSpeed's CPU accelerator)")
     parser.add_argument("--seed", default=None, type=int,
-                        help="seed for model init, gate noise and data order; each rank adds its rank to the "
-                             "model and noise seed (default: unseeded, data order seed 0)")
+                        help="seed for model init, gate noise and data order; every rank builds the same initial model, "
+                             "and adds its rank to the gate-noise seed (default: unseeded, data order seed 0)")
 
     # MoE levers: beyond the reference, whose behaviour their defaults keep.
     parser.add_argument("--moe-aux-loss-coef", default=0.0, type=float,
@@ -552,16 +554,41 @@ class ExpertLoad:
         return shares, aux_losses
 
 
-def write_step_losses(model_engine, step_losses):
-    """Write each step's loss to the monitor as Train/Samples/train_loss, empty the list, return the losses.
+def write_step_metrics(model_engine, steps):
+    """Write each step's loss and gradient norm to the monitor as Train/Samples/train_loss and grad_norm, empty
+    the list, return the losses and the norms (None where DeepSpeed computes none).
 
     One host read per log interval instead of one per step.
     """
-    samples = [s for s, _ in step_losses]
-    losses = torch.stack([loss for _, loss in step_losses]).tolist()
-    model_engine.monitor.write_events([("Train/Samples/train_loss", loss, s) for s, loss in zip(samples, losses)])
-    step_losses.clear()
-    return losses
+    samples = [s for s, _, _ in steps]
+    losses = torch.stack([loss for _, loss, _ in steps]).tolist()
+    events = [("Train/Samples/train_loss", loss, s) for s, loss in zip(samples, losses)]
+    norms = [None] * len(steps)
+    if all(norm is not None for _, _, norm in steps):
+        norms = torch.stack([norm for _, _, norm in steps]).tolist()
+        events += [("Train/Samples/grad_norm", norm, s) for s, norm in zip(samples, norms)]
+    model_engine.monitor.write_events(events)
+    steps.clear()
+    return losses, norms
+
+
+def grad_norm(model_engine, device):
+    """The gradient norm of the step just taken, before clipping, as a float32 tensor on the device (no host read),
+    or None where DeepSpeed computes none (no clipping and no ZeRO)."""
+    norm = model_engine.get_global_grad_norm()
+    return None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=device)
+
+
+def clipping_summary(norms, clip):
+    """`grad norm 0.452, clipped at 1.0 in 3 of 100 steps`: the mean norm before clipping over the interval's
+    finite norms (a skipped fp16 step has none) and how often clipping acted."""
+    finite = [norm for norm in norms if norm is not None and math.isfinite(norm)]
+    if not finite:
+        return None
+    summary = f"grad norm {sum(finite) / len(finite):.3f}"
+    if clip > 0:
+        return f"{summary}, clipped at {clip} in {sum(norm > clip for norm in finite)} of {len(norms)} steps"
+    return f"{summary}, no clipping"
 
 
 def batch_label(epoch, batch):
@@ -574,20 +601,22 @@ def loss_line(epoch, batch, mean_loss):
     return f"{batch_label(epoch, batch)} loss: {mean_loss: .3f}"
 
 
-def log_progress(model_engine, epoch, step, mean_loss, seconds, steps_per_epoch, log_interval, expert_load):
+def log_progress(model_engine, epoch, step, losses, norms, seconds, steps_per_epoch, log_interval, expert_load):
     """Rank 0 prints the reference's loss line, then throughput and expert load; metrics go to the monitor.
 
-    The throughput line ends with rank 0's peak accelerator memory so far (on
-    DeepSpeed's CPU accelerator: the process's resident memory, sampled at each
-    log interval), which ZeRO and ZeRO-Offload lower.
+    The throughput line shows the interval's gradient norm and how often clipping acted, and ends with rank 0's
+    peak accelerator memory so far (on DeepSpeed's CPU accelerator: the process's resident memory, sampled at
+    each log interval), which ZeRO and ZeRO-Offload lower.
     """
     prefix = batch_label(epoch + 1, step + 1)
     samples_per_sec = log_interval * model_engine.train_batch_size() / seconds
     events = [("Train/Samples/samples_per_sec", samples_per_sec, model_engine.global_samples)]
     accelerator = get_accelerator()
-    lines = [loss_line(epoch + 1, step + 1, mean_loss),
-             f"{prefix} {samples_per_sec:.0f} samples/s, {seconds / log_interval * steps_per_epoch:.1f} s/epoch, "
+    speed = [f"{samples_per_sec:.0f} samples/s", f"{seconds / log_interval * steps_per_epoch:.1f} s/epoch",
+             clipping_summary(norms, model_engine.gradient_clipping()),
              f"peak {accelerator.device_name()} memory {accelerator.max_memory_allocated() / 2**20:.0f} MiB"]
+    lines = [loss_line(epoch + 1, step + 1, sum(losses) / len(losses)),
+             f"{prefix} {', '.join(part for part in speed if part)}"]
     if expert_load:
         shares, aux_losses = expert_load.summarize()
         layers = []
@@ -704,24 +733,23 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
     aux_loss_coef = args.moe_aux_loss_coef if args.moe else 0.0  # a dense Net has no gate, so no aux loss
     for epoch in range(start_epoch, args.epochs):
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
-        step_losses = []  # (samples seen, loss) of each step, on the device: read only at log intervals
+        steps = []  # (samples seen, loss, gradient norm) of each step, on the device: read only at log intervals
         epoch_start = interval_start = time.perf_counter()
         with progress_bar(args, len(trainloader), epoch) as bar:
             for i, (inputs, labels) in enumerate(trainloader):
                 loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef)
                 if expert_load:
                     expert_load.add(net)
-                step_losses.append((model_engine.global_samples, loss))
-                advance(bar, model_engine, step_losses, expert_load)
+                steps.append((model_engine.global_samples, loss, grad_norm(model_engine, local_device)))
+                advance(bar, model_engine, steps, expert_load)
                 if i % args.log_interval == args.log_interval - 1:
-                    losses = write_step_losses(model_engine, step_losses)
+                    losses, norms = write_step_metrics(model_engine, steps)
                     with tqdm.external_write_mode(file=sys.stdout):
-                        log_progress(model_engine, epoch, i, sum(losses) / len(losses),
-                                     time.perf_counter() - interval_start, len(trainloader), args.log_interval,
-                                     expert_load)
+                        log_progress(model_engine, epoch, i, losses, norms, time.perf_counter() - interval_start,
+                                     len(trainloader), args.log_interval, expert_load)
                     interval_start = time.perf_counter()
-        if step_losses:
-            write_step_losses(model_engine, step_losses)
+        if steps:
+            write_step_metrics(model_engine, steps)
         model_engine.monitor.write_events([("Train/Epoch/seconds", time.perf_counter() - epoch_start, epoch + 1)])
         if args.save_dir:
             save_checkpoint(model_engine, args, epoch)
@@ -749,7 +777,7 @@ def progress_bar(args, steps, epoch):
         yield bar
 
 
-def advance(bar, model_engine, step_losses, expert_load):
+def advance(bar, model_engine, steps, expert_load):
     """One step on the bar; every BAR_EVERY steps also samples/s, the running loss and, with MoE, each layer's
     busiest expert's share of rank 0's tokens since the last log line."""
     bar.update()
@@ -757,7 +785,7 @@ def advance(bar, model_engine, step_losses, expert_load):
         return
     rate = bar.format_dict["rate"] or 0
     postfix = {"samples/s": f"{rate * model_engine.train_batch_size():.0f}",
-               "loss": f"{torch.stack([loss for _, loss in step_losses[-BAR_EVERY:]]).mean().item():.3f}"}
+               "loss": f"{torch.stack([loss for _, loss, _ in steps[-BAR_EVERY:]]).mean().item():.3f}"}
     if expert_load:
         postfix["busiest expert"] = " ".join(f"{100 * (c.max() / c.sum().clamp(min=1)).item():.0f}%"
                                              for c in expert_load.counts)
@@ -876,22 +904,74 @@ def initialize(args, config):
 
     Returns the engine, its training data loader and the test set.
     """
-    if args.seed is not None:
-        torch.manual_seed(args.seed + dist.get_rank())
     trainset, testset = load_data(args)
 
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # every rank builds the same Net: its experts start as one process's would
     net = Net(args)
+    if args.seed is not None:
+        torch.manual_seed(args.seed + dist.get_rank())  # each rank its own gate noise
     parameters = filter(lambda p: p.requires_grad, net.parameters())
     if args.moe_param_group:
         parameters = create_moe_param_groups(net)
 
     model_engine, optimizer, trainloader, __ = deepspeed.initialize(
         args=args, model=net, model_parameters=parameters, training_data=trainset, config=config)
+    scale_the_fp16_loss(model_engine)
+    clip_by_the_global_norm(model_engine)
     if args.seed is not None:
         trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
     # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
     trainloader.num_local_io_workers = data_loader_workers() if args.data_workers is None else args.data_workers
     return model_engine, trainloader, testset
+
+
+def scale_the_fp16_loss(model_engine):
+    """Make backward in fp16 without ZeRO scale the loss by the loss scale, which the optimizer's step divides out.
+
+    DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers; FP16_Optimizer.step divides the
+    gradients by the loss scale all the same. Every update was then computed from gradients 32768 times too
+    small, clipping never acted, and small gradients were not kept from underflowing
+    (deepspeedai/DeepSpeed#8393). A hook on the loss multiplies the gradient flowing back from it by the loss
+    scale, unless DeepSpeed has already scaled it (a DeepSpeed with the fix), so the loss is scaled once.
+    """
+    if not model_engine.fp16_enabled() or model_engine.zero_optimization():
+        return
+    backward, scaler = model_engine.backward, model_engine.optimizer.loss_scale_config
+
+    def scaled_backward(loss, *args, **kwargs):
+        loss = loss.float()  # as FP16_Optimizer.backward scales it: the scale may pass fp16's largest number
+        scaled = scaler.cur_scale / model_engine.gradient_accumulation_steps()
+        loss.register_hook(lambda grad: torch.where(grad < scaled / 2, grad * scaler.cur_scale, grad))
+        return backward(loss, *args, **kwargs)
+
+    model_engine.backward = scaled_backward
+
+
+def clip_by_the_global_norm(model_engine):
+    """Make DeepSpeed's gradient clipping in fp32 without ZeRO clip by the global norm, and keep that norm.
+
+    DeepSpeed clips that path (engine.clip_fp32_gradients) with runtime.utils.clip_grad_norm_, which
+    averages each rank's norm over the data-parallel group: right only while every rank holds the same
+    parameters. With expert parallelism each rank holds other experts, so the norm, and every clipped step,
+    come out wrong (deepspeedai/DeepSpeed#8475); that path also keeps no norm for get_global_grad_norm().
+    Here the norm is the non-expert gradients' (equal on every rank after the all-reduce) with the expert
+    gradients' squares summed over their expert-parallel group, each expert counted once: one process's.
+    """
+    def clip_fp32_gradients():
+        grads = {}
+        for p in model_engine.module.parameters():
+            if p.grad is not None:
+                grads.setdefault(p.group_name if is_moe_param(p) else None, []).append(p.grad)
+        squares = [get_global_norm_of_tensors(tensors, mpu=model_engine.mpu,
+                                              moe_ep_group=name and groups._get_expert_parallel_group(name)) ** 2
+                   for name, tensors in grads.items()]
+        norm = torch.stack(squares).sum().sqrt()
+        model_engine._global_grad_norm = norm
+        clip_tensors_by_global_norm([g for tensors in grads.values() for g in tensors],
+                                    model_engine.gradient_clipping(), norm)
+
+    model_engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def input_dtype(model_engine):

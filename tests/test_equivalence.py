@@ -119,3 +119,38 @@ def test_offload_trains_as_without_it(single_rank_group, parse, stage, flags):
         assert (with_offload - start).abs().max() > 1e-4, f"{name} barely moved: the comparison would prove nothing"
         torch.testing.assert_close(with_offload, finals["none"][name], rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("flags, scalings", [([], 1), (["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"], 1),
+                                             ([], 2)], ids=["dense", "moe", "dense-scaled-before"])
+def test_fp16_without_zero_backpropagates_the_scaled_loss(single_rank_group, parse, flags, scalings):
+    """fp16 at ZeRO 0: the gradients the optimizer receives are the loss scale times fp32's, as its step expects.
+
+    DeepSpeed's engine.backward scales the loss only for ZeRO optimizers, while FP16_Optimizer.step divides the
+    gradients by the scale regardless; `scale_the_fp16_loss` scales it, and never twice: wrapped a second time,
+    as in a DeepSpeed whose backward scales the loss itself, the gradients are the same.
+    """
+    args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "16", "--synthetic-test-size", "1",
+                 "--dtype", "fp16", "--stage", "0", "--seed", "0", *flags)
+    config = get_ds_config(args)
+    cifar10_deepspeed.allow_fp16(config)
+    model_engine, _, _ = cifar10_deepspeed.initialize(args, config)
+    for _ in range(scalings - 1):
+        cifar10_deepspeed.scale_the_fp16_loss(model_engine)
+    torch.manual_seed(0)  # as initialize seeds before it builds the Net: the same weights, in fp32
+    reference = Net(args)
+    for layer in getattr(reference, "moe_layer_list", []):
+        layer.set_deepspeed_parallelism()
+    inputs, labels = torch.randn(16, 3, 32, 32), torch.randint(10, (16,))
+    torch.manual_seed(1)
+    model_engine.backward(nn.functional.cross_entropy(model_engine(inputs.half()), labels))
+    torch.manual_seed(1)
+    nn.functional.cross_entropy(reference(inputs), labels).backward()
+    scale = model_engine.optimizer.loss_scale_config.cur_scale
+    assert scale == 2 ** 15
+    for (name, ours), theirs in zip(model_engine.module.named_parameters(), reference.parameters()):
+        # fp16 rounding puts conv1 up to 0.07 off here; unscaled gradients would be off by all of them (1.0)
+        if theirs.grad is not None and theirs.grad.norm() > 0:  # an expert that got no token has none
+            error = ((ours.grad.float() / scale - theirs.grad).norm() / theirs.grad.norm()).item()
+            assert error < 0.2, f"{name}: the fp16 gradient over the loss scale is {error:.2g} off fp32's, relative"
+    model_engine.destroy()

@@ -45,13 +45,17 @@ def test_the_tutorials_recipe_trains_moe_with_ep_2_as_the_readme_runs_it(launch,
 
 
 def test_cpu_offload_in_the_config_trains_exactly_as_offload_cpu(launch, script, root, tmp_path):
-    """The same seed gives the same loss at every step: the old spelling and the flag are one configuration."""
+    """The same seed gives the same loss at every step: the old spelling and the flag are one configuration.
+
+    In fp32 (--dtype overrides the file's fp16 in both runs): which dtype trains does not change what the
+    spelling means, and fp16 trains several times slower on a CPU.
+    """
     config = json.loads((root / "ds_config.json").read_text())
     config["zero_optimization"].update(stage=2, cpu_offload=True)
     path = tmp_path / "cpu_offload.json"
     path.write_text(json.dumps(config))
-    cmd = ["python", script, "--deepspeed", *SYNTHETIC, "--synthetic-train-size", "3200", "-e", "1",
-           "--log-interval", "5"]
+    cmd = ["python", script, "--deepspeed", *SYNTHETIC, "--synthetic-train-size", "1600", "-e", "1",
+           "--log-interval", "5", "--dtype", "fp32"]
     spelled = launch(*cmd, "--deepspeed_config", path)
     flag = launch(*cmd, "--offload", "cpu", "--stage", "2")
     for run in (spelled, flag):
@@ -59,5 +63,5 @@ def test_cpu_offload_in_the_config_trains_exactly_as_offload_cpu(launch, script,
     assert OFFLOAD_LINE.findall(flag.output) == ["ZeRO-Offload: the optimizer's state and step on the cpu (ZeRO stage 2)"]
     assert OFFLOAD_LINE.findall(spelled.output)[0].startswith(
         "ZeRO-Offload: the optimizer's state and step on the cpu (ZeRO stage 2); the config's \"cpu_offload\": true")
-    assert len(spelled.losses()) == 40 and spelled.losses() == flag.losses()
+    assert len(spelled.losses()) == 20 and spelled.losses() == flag.losses()
     assert spelled.accuracy() == flag.accuracy()
