@@ -89,7 +89,8 @@ def build_parser():
                              "0 on DeepSpeed's CPU accelerator)")
     parser.add_argument("--seed", default=None, type=int,
                         help="seed for model init, gate noise and data order; every rank builds the same initial model, "
-                             "and adds its rank to the gate-noise seed (default: unseeded, data order seed 0)")
+                             "then each rank but 0 reseeds its gate noise with seed + rank (default: unseeded, "
+                             "data order seed 0)")
 
     # MoE levers: beyond the reference, whose behaviour their defaults keep.
     parser.add_argument("--moe-aux-loss-coef", default=0.0, type=float,
@@ -909,8 +910,8 @@ def initialize(args, config):
     if args.seed is not None:
         torch.manual_seed(args.seed)  # every rank builds the same Net: its experts start as one process's would
     net = Net(args)
-    if args.seed is not None:
-        torch.manual_seed(args.seed + dist.get_rank())  # each rank its own gate noise
+    if args.seed is not None and dist.get_rank():
+        torch.manual_seed(args.seed + dist.get_rank())  # every other rank draws gate noise of its own
     parameters = filter(lambda p: p.requires_grad, net.parameters())
     if args.moe_param_group:
         parameters = create_moe_param_groups(net)

@@ -20,6 +20,7 @@ OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:
 LAUNCH_TIMEOUT = 600
 LAUNCHED = []  # (process group, command) of every command the tests started
 IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no token, listed after the run
+REACHED = []  # (test, accuracy, least accuracy asked) of every launch that Run.assert_trained checked
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -28,6 +29,10 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.section("idle experts (no token at the checked step: no gradient, not checked)")
         for line in idle:
             terminalreporter.write_line(line)
+    if REACHED:
+        terminalreporter.section("test accuracy each launch reached (the bounds are measured values less a margin)")
+        for test, accuracy, least in REACHED:
+            terminalreporter.write_line(f"{accuracy:5.1f} % (at least {least} %)  {test}")
 
 
 @pytest.fixture
@@ -72,6 +77,7 @@ class Run:
         losses = self.losses()
         assert len(losses) >= 2 and losses[-1] < losses[0] * 0.8, f"loss did not fall: {losses}"
         assert "Finished Training" in self.output
+        REACHED.append((os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0], self.accuracy(), min_accuracy))
         assert self.accuracy() >= min_accuracy, self.output[-1500:]
 
 
@@ -157,15 +163,25 @@ def no_rank_outlives_the_suite():
     assert not survivors, "launched processes outlived the suite:\n" + "\n".join(survivors)
 
 
+OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")  # ZeRO-Offload's Adam, ZeRO 0's, shm comm
+
+
 @pytest.fixture(scope="session")
 def op_cache():
-    """DeepSpeed's CPU ops (fused Adam, shared-memory comm) compiled before any launch is timed.
+    """DeepSpeed's CPU ops (CPU Adam, fused Adam, shared-memory comm) compiled before any launch is timed.
 
     On a cold cache the first launch would spend minutes compiling them; warm,
     this takes a second. Either way no test's duration depends on the cache.
+    Each is built in a process of its own, side by side, then loaded here.
     """
-    for builder in ("CPUAdamBuilder", "ShareMemCommBuilder"):
-        cifar10_deepspeed.get_accelerator().create_op_builder(builder).load()
+    load = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder({!r}).load()"
+    builds = [subprocess.Popen([sys.executable, "-c", load.format(op)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True) for op in OPS]
+    for op, build in zip(OPS, builds):
+        _, errors = build.communicate()
+        assert build.returncode == 0, f"DeepSpeed's {op} did not build:\n{errors[-3000:]}"
+    for op in OPS:
+        cifar10_deepspeed.get_accelerator().create_op_builder(op).load()
 
 
 @pytest.fixture

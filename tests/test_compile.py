@@ -29,16 +29,18 @@ def test_compiled_training_follows_the_eager_loss_trace(launch, script, tmp_path
     expected = COMPILED + ("; the MoE gate's capacity, read on the host, runs eagerly between compiled parts"
                            if model else "")
     assert [line for line in compiled.output.splitlines() if line.startswith("--compile")] == [expected]
-    assert any((tmp_path / "inductor-cache").rglob("*.py")), "inductor generated no code: nothing was compiled"
+    # The one-op probe compile_model tries first generates code too: only the Net's own layers show its compilation.
+    generated = [path.read_text() for path in (tmp_path / "inductor-cache").rglob("*.py")]
+    assert any("convolution" in code for code in generated), "inductor generated no code of the Net: not compiled"
     assert "--compile" not in eager.output
     eager_losses, compiled_losses = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
     assert len(eager_losses) == STEPS and len(set(eager_losses)) > 1
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_compiled_training_runs_in_half_precision(launch, script, tmp_path, dtype):
-    run = launch("python", script, *FLAGS, "--dtype", dtype, *MOE, "--compile",
+def test_compiled_training_runs_in_bf16(launch, script, tmp_path):
+    """Compiled half precision; fp16, which a CPU emulates, compiles through the same path at several times the cost."""
+    run = launch("python", script, *FLAGS, "--dtype", "bf16", *MOE, "--compile",
                  env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
     assert run.returncode == 0, run.output[-3000:]
     assert COMPILED in run.output

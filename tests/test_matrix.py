@@ -23,21 +23,40 @@ import os
 import pytest
 import torch
 
-from conftest import IDLE_EXPERTS, ROOT, run_command
+from conftest import IDLE_EXPERTS, REACHED, ROOT, run_command
 from train_cells import OVERFLOW_STEPS, all_cells, expert_counts, parse_cell
 
 pytestmark = pytest.mark.slow
 
 CELLS = all_cells()
-CHECK_STEPS = 14  # past the fp16 overflow steps, and the learning rate's first two zero steps
+
+
+def covered_by_layouts(cell):
+    """fp32 on 2 and 4 ranks with a model test_layouts.py trains: there every parameter on every rank must equal one
+    process's after 12 steps, which shows what moves and that the ranks agree, more strictly than these checks."""
+    dtype, _, model, world, _, _ = parse_cell(cell)
+    return dtype == "fp32" and world > 1 and model in ("dense", "rsample", "top2", "prmoe")
+
+
+CHECKED = [cell for cell in CELLS if not covered_by_layouts(cell)]
+CHECK_STEPS = 8  # past the fp16 overflow steps (4 and 5) by two, and the learning rate's first two zero steps
 LEARN_STEPS = 300
-LEARN_IN_CI = ["fp32-zero0-dense-w1", "bf16-zero3-dense-w2", "fp32-zero1-top1-w1-ep1",
-               "bf16-zero0-top2-w2-ep1", "fp16-zero2-rsample-w1-ep1", "bf16-zero1-rsample-w2-ep2",
-               "fp32-zero2-prmoe-w2-ep2", "fp16-zero1-prmoe-w2-ep1", "fp32-zero2-prmoe-w4-ep4",
-               "bf16-zero1-rsample-w4-ep2", "fp16-zero2-rsample-w2-ep2-offload", "bf16-zero3-dense-w2-offload",
-               "fp32-zero1-prmoe-w1-ep1-offload"]
+# The cells whose learning CI checks, each with what it measured on 2026-12-02 (2 cores of an AMD EPYC, seed 0):
+# the test accuracy in percent, and the mean loss of the last 50 steps over that of the first 50.
+LEARNED = {"fp32-zero0-dense-w1": (68.2, 0.418), "bf16-zero3-dense-w2": (67.0, 0.417),
+           "fp32-zero1-top1-w1-ep1": (28.0, 0.772), "bf16-zero0-top2-w2-ep1": (65.2, 0.401),
+           "fp16-zero2-rsample-w1-ep1": (44.8, 0.565), "bf16-zero1-rsample-w2-ep2": (60.0, 0.567),
+           "fp32-zero2-prmoe-w2-ep2": (56.8, 0.502), "fp16-zero1-prmoe-w2-ep1": (56.8, 0.488),
+           "fp32-zero2-prmoe-w4-ep4": (58.5, 0.470), "bf16-zero1-rsample-w4-ep2": (41.8, 0.648),
+           "fp16-zero2-rsample-w2-ep2-offload": (55.2, 0.592), "bf16-zero3-dense-w2-offload": (66.5, 0.415),
+           "fp32-zero1-prmoe-w1-ep1-offload": (53.8, 0.484)}
+LEARN_IN_CI = list(LEARNED)
+# Another CPU rounds in other orders (its kernels, gloo's sums), which moves a seeded 300-step run by a few points
+# of accuracy on the 400 test images: each bound is the measured value less MARGIN points, and the loss ratio
+# the measured one plus LOSS_MARGIN. Cells measured by no one (FULL_MATRIX=1 beyond these) get the floor.
+MARGIN, LOSS_MARGIN = 8, 0.08
+FLOOR = (25, 0.85)  # percent on the synthetic test images, where chance is 10; the loss ratio
 FULL_MATRIX = os.environ.get("FULL_MATRIX") == "1"
-MIN_ACCURACY = 25  # percent on the synthetic test images, where chance is 10
 MATRIX_TIMEOUT = 3600
 WORLDS = (1, 2, 4)
 
@@ -95,13 +114,24 @@ def finite_losses(rank):
     return [loss for loss in rank["losses"] if math.isfinite(loss)]
 
 
+def learning_bounds(cell):
+    """The least test accuracy and the largest loss ratio (last 50 steps over first 50) the cell must reach."""
+    if cell not in LEARNED:
+        return FLOOR
+    accuracy, ratio = LEARNED[cell]
+    return accuracy - MARGIN, ratio + LOSS_MARGIN
+
+
 def assert_learns(report, cell):
-    """The loss falls and the test accuracy ends well above chance."""
+    """The loss falls and the test accuracy ends where this cell was measured to end, less a margin."""
     rank = ranks_of(report, cell)[0]
     losses = finite_losses(rank)
     first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
-    assert last < 0.85 * first, f"mean loss of the first 50 steps {first:.3f}, of the last 50 {last:.3f}"
-    assert rank["accuracy"] >= MIN_ACCURACY, f"test accuracy {rank['accuracy']:.1f} %"
+    min_accuracy, max_ratio = learning_bounds(cell)
+    REACHED.append((f"test_matrix.py::test_learns[{cell}] (loss ratio {last / first:.3f})", rank["accuracy"],
+                    min_accuracy))
+    assert last < max_ratio * first, f"mean loss of the first 50 steps {first:.3f}, of the last 50 {last:.3f}"
+    assert rank["accuracy"] >= min_accuracy, f"test accuracy {rank['accuracy']:.1f} % (at least {min_accuracy:.1f})"
 
 
 def assert_every_parameter_with_a_gradient_moves(report, cell):
@@ -178,24 +208,24 @@ def test_learns(learned, cell):
     assert_learns(learned[cell], cell)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", CHECKED)
 def test_every_parameter_with_a_gradient_moves(checked, cell, request):
     idle = assert_every_parameter_with_a_gradient_moves(checked[0][cell], cell)
     if idle:
         request.config.stash.setdefault(IDLE_EXPERTS, []).append(f"{cell}: {', '.join(idle)}")
 
 
-@pytest.mark.parametrize("cell", [cell for cell in CELLS if parse_cell(cell)[3] > 1])
+@pytest.mark.parametrize("cell", [cell for cell in CHECKED if parse_cell(cell)[3] > 1])
 def test_ranks_agree_and_hold_their_experts(checked, cell):
     assert_ranks_agree_and_hold_their_experts(checked[0][cell], cell)
 
 
-@pytest.mark.parametrize("cell", [cell for cell in CELLS if cell.startswith("fp16")])
+@pytest.mark.parametrize("cell", [cell for cell in CHECKED if cell.startswith("fp16")])
 def test_fp16_overflow_step_is_skipped(checked, cell):
     assert_fp16_overflow_step_is_skipped(checked[0][cell], cell)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", CHECKED)
 def test_same_seed_gives_the_same_loss_trace(checked, cell):
     first, again = checked
     assert_same_loss_trace(first[cell], again[cell], cell)

@@ -198,6 +198,48 @@ def test_expert_load_sums_counts_and_averages_aux_loss(single_rank_group, parse)
     assert load.steps == 0 and all(c.sum() == 0 for c in load.counts)  # ready for the next interval
 
 
+def test_expert_load_over_two_ranks_is_the_mean_of_every_ranks_aux_loss(single_rank_group, parse, monkeypatch):
+    """Two ranks that saw the same counts and aux losses: the shares and the mean aux loss are one rank's.
+
+    The all-reduce sums the ranks' aux losses, so summarize must divide by the world size as well as the steps;
+    without it the aux loss printed and monitored on 2 ranks is twice the truth.
+    """
+    net = Net(parse("--moe", "--num-experts", "2"))
+    load = cifar10_deepspeed.ExpertLoad(net, "cpu")
+    net.expert_counts, net.aux_losses = [torch.tensor([3, 1])], [torch.tensor(1.5)]
+    load.add(net)
+    monkeypatch.setattr(cifar10_deepspeed.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # a twin rank's sum
+    monkeypatch.setattr(cifar10_deepspeed.dist, "get_world_size", lambda: 2)
+    assert load.summarize() == ([[0.75, 0.25]], [1.5])
+
+
+def test_seed_sets_the_data_order(single_rank_group, parse):
+    """--seed seeds the sampler: another seed, another order, and the order DistributedSampler gives that seed."""
+    orders = {}
+    for seed in (1, 2):
+        args = parse("--deepspeed", "--dataset", "synthetic", "--dtype", "fp32", "--synthetic-train-size", "64",
+                     "--synthetic-test-size", "1", "--seed", str(seed))
+        model_engine, trainloader, _ = cifar10_deepspeed.initialize(args, cifar10_deepspeed.get_ds_config(args))
+        orders[seed] = list(trainloader.data_sampler)
+        expected = torch.utils.data.DistributedSampler(range(64), num_replicas=1, rank=0, seed=seed)
+        assert orders[seed] == list(expected)
+        model_engine.destroy()
+    assert orders[1] != orders[2]
+
+
+@pytest.mark.parametrize("flags, stage, shard", [
+    ([], 0, True), ([], 2, True), ([], 3, False),
+    (["--moe", "--num-experts", "2"], 2, True),
+    (["--moe", "--num-experts", "2", "--ep-world-size", "2"], 0, False),
+    (["--moe", "--num-experts", "4", "--ep-world-size", "4"], 1, False)],
+    ids=["dense-zero0", "dense-zero2", "dense-zero3", "moe-ep1", "moe-ep2", "moe-ep4"])
+def test_evaluation_is_sharded_only_where_every_rank_may_run_its_own_batches(parse, flags, stage, shard):
+    """Expert parallelism and ZeRO-3 exchange data between ranks in every forward pass: each rank must run every
+    test batch there. Sharded, ranks with unequal batch counts would wait on each other for ever."""
+    engine = type("Engine", (), {"zero_optimization_stage": lambda self: stage})()
+    assert cifar10_deepspeed.can_shard_eval(parse(*flags), engine) == shard
+
+
 def test_moe_forward_exposes_aux_losses_and_expert_counts(parse):
     net = Net(parse("--moe", "--num-experts", "2", "4", "--capacity-factor", "2.0", "--no-drop-tokens"))
     net(torch.randn(6, 3, 32, 32))

@@ -193,23 +193,24 @@ LOST_PEER = re.compile(r"^error: lost another rank \((.+)\): it died or stopped 
 
 
 def assert_says_it_lost_a_peer(run):
-    """Node 0's rank ends with the one line, not the backend's traceback."""
+    """Node 0's rank ends with the one line and exit 1, not the backend's traceback, and without the abort at exit
+    that leave() exists for ("terminate called without an active exception", -6)."""
     errors = error_lines(run)
     assert len(errors) == 1 and LOST_PEER.match(errors[0]), run.output[-3000:]
     assert "Traceback" not in run.output and "Finished Training" not in run.output
+    assert run.returncode == 1 and "terminate called" not in run.output, run.output[-3000:]
     return LOST_PEER.match(errors[0]).group(1)
 
 
 def test_a_rank_killed_on_node_1_ends_every_rank_on_both_nodes(tmp_path):
     (first, second), seconds = stop_node_1_mid_epoch(tmp_path, signal.SIGKILL)
-    assert first.returncode != 0 and second.returncode != 0
+    assert second.returncode != 0
     assert seconds < 60
     assert "Connection" in assert_says_it_lost_a_peer(first)  # gloo's reason: the peer's connection closed or reset
 
 
 def test_a_stuck_peer_ends_the_run_after_the_dist_timeout(tmp_path):
     (first, _), seconds = stop_node_1_mid_epoch(tmp_path, signal.SIGSTOP, "--dist-timeout", "0.25")
-    assert first.returncode != 0
     assert seconds < 60  # 15 s of timeout; DeepSpeed's default would wait 30 minutes
     assert_says_it_lost_a_peer(first)
 
@@ -233,7 +234,8 @@ TUTORIAL = "fp16-zero2-tutorial-w4-ep2"  # DeepSpeed's MoE tutorial: 8 experts, 
 def test_the_moe_tutorials_four_ranks_through_run_ds_moe(tmp_path):
     """2 nodes x 2 ranks, expert-parallel size 2, 8 experts: every expert group replicated twice (E + D)."""
     nodes = Nodes(tmp_path, ranks=2)
-    first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--dtype", "fp32", "--stage", "2", "-e", "2"),
+    first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--dtype", "fp32", "--stage", "2", "-e", "2",
+                                     "--synthetic-train-size", "2560"),
                               env=({"EXPERTS": "8"}, {"EXPERTS": "8"}))
     first.assert_trained(min_accuracy=25)
     assert second.returncode == 0, second.output[-3000:]

@@ -6,9 +6,9 @@ tests/test_matrix.py launches it with DeepSpeed's launcher, once per world size:
 
 A cell is a dtype, a ZeRO stage, a model, a world size and an expert-parallel
 size. Each cell builds the script's config, Net and engine from its flags and
-trains with the script's train_step on the synthetic data, one epoch of
---steps steps, recording every step's loss, loss scale and whether the step
-was applied. With --checks it also records which parameters the optimizer
+trains with the script's train() on the synthetic data, one epoch of --steps
+steps, recording around each train_step every step's loss, loss scale and
+whether the step was applied. With --checks it also records which parameters the optimizer
 moved at the last step (their fp32 master copies), whether the model's copies
 equal their masters, how many tokens each expert got there, and the parameters
 every rank ends with; in fp16 cells two steps get infinite inputs, as in an
@@ -28,7 +28,6 @@ import cpuinfo
 import deepspeed
 import deepspeed.comm as dist
 import torch
-import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.utils import safe_get_full_fp32_param
@@ -103,7 +102,8 @@ def parse_cell(cell):
 def cell_flags(cell, steps):
     dtype, stage, model, world, ep, offload = parse_cell(cell)
     flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * steps),
-             "--synthetic-test-size", "400", "--data-workers", "0", "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
+             "--synthetic-test-size", "400", "--data-workers", "0", "--log-interval", str(steps), "--epochs", "1",
+             "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
              *MODELS[model]]
     if offload:
         flags += ["--offload", "cpu"]
@@ -162,15 +162,18 @@ def train_cell(cell, steps, checks, evaluate):
     model_engine, trainloader, testset = cifar10_deepspeed.initialize(args, config)
     local_device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = cifar10_deepspeed.input_dtype(model_engine)
-    net, criterion = model_engine.module, nn.CrossEntropyLoss()
+    net = model_engine.module
     record = {"losses": [], "loss_scales": [], "applied": []}
-    for i, (inputs, labels) in enumerate(trainloader):
+
+    def recorded_step(model_engine, criterion, inputs, labels, *step_args, **step_kwargs):
+        """The script's train_step, as train() calls it, with what the cell records around it."""
+        i = len(record["losses"])
         if dtype == "fp16" and i in OVERFLOW_STEPS:
             inputs = torch.full_like(inputs, float("inf"))  # non-finite activations and gradients
         watched = checks and i in (OVERFLOW_STEPS[0], steps - 1)
         if watched:
             before = parameter_snapshot(model_engine)
-        loss = cifar10_deepspeed.train_step(model_engine, criterion, inputs, labels, local_device, target_dtype)
+        loss = train_step(model_engine, criterion, inputs, labels, *step_args, **step_kwargs)
         record["losses"].append(loss.item())
         record["loss_scales"].append(model_engine._get_optimizer_loss_scale() if dtype == "fp16" else None)
         record["applied"].append(model_engine.was_step_applied())
@@ -179,6 +182,14 @@ def train_cell(cell, steps, checks, evaluate):
             record["changed_by_overflow_step"] = changed(before, after, "master") + changed(before, after, "model")
         elif watched:
             record.update(last_step(net, before, parameter_snapshot(model_engine)))
+        return loss
+
+    train_step, cifar10_deepspeed.train_step = cifar10_deepspeed.train_step, recorded_step
+    try:  # one epoch of the script's own loop: its logging, expert load and monitors run too
+        cifar10_deepspeed.train(model_engine, trainloader, testset, args, 0, local_device, target_dtype,
+                                cifar10_deepspeed.can_shard_eval(args, model_engine))
+    finally:
+        cifar10_deepspeed.train_step = train_step
     if checks:
         record.update(final_state(net, parameter_snapshot(model_engine)["model"]))
     if evaluate:
