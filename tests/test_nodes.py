@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cifar_files import ARCHIVE, Server, make_archive
-from conftest import (LAUNCH_TIMEOUT, ROOT, Run, finish, free_port, kill_group, live_processes, run_command,
+from conftest import (MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, free_port, kill_group, live_processes, run_command,
                       start)
 from test_matrix import assert_every_parameter_with_a_gradient_moves, assert_ranks_agree_and_hold_their_experts
 
@@ -57,7 +57,7 @@ def test_download_checks_and_unpacks_cifar10_and_trains(tmp_path, cifar10_server
     before = cifar10_server.downloads()
     run = run_command([ROOT / "run_ds.sh", "--dtype", "fp32", *ONE_EPOCH], tmp_path,
                       env={"NUM_GPUS": "2", "BIND_CORES": "0", **cifar10_server.env()})
-    run.assert_trained(min_accuracy=25)
+    run.assert_trained(min_accuracy=68 - MARGIN)
     assert cifar10_server.downloads() == before + 1  # by rank 0 alone
     assert holds_cifar10(tmp_path)
     assert "Accuracy of the network on the 1000 test images: " in run.output
@@ -75,7 +75,7 @@ def test_a_corrupt_download_stops_every_rank_and_is_not_trusted_next_time(tmp_pa
 
     before = cifar10_server.downloads()
     again = run_command(cmd, tmp_path, env={"NUM_GPUS": "2", "BIND_CORES": "0", **cifar10_server.env()})
-    again.assert_trained(min_accuracy=25)
+    again.assert_trained(min_accuracy=68 - MARGIN)
     assert cifar10_server.downloads() == before + 1  # the corrupt archive was not taken for the data
     assert holds_cifar10(tmp_path)
 
@@ -128,7 +128,7 @@ def test_two_nodes_of_one_rank_train_moe_across_them_each_with_its_own_data(tmp_
     before = cifar10_server.downloads()
     first, second = nodes.run(script("run_ds_moe.sh", "--dtype", "fp32", *ONE_EPOCH),
                               env=(cifar10_server.env(), cifar10_server.env()))
-    first.assert_trained(min_accuracy=25)
+    first.assert_trained(min_accuracy=46 - MARGIN)
     assert second.returncode == 0, second.output[-3000:]
     assert "--ep-world-size 2 --num-experts 2" in first.output
     assert all(holds_cifar10(folder) for folder in nodes.folders)
@@ -237,7 +237,7 @@ def test_the_moe_tutorials_four_ranks_through_run_ds_moe(tmp_path):
     first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--dtype", "fp32", "--stage", "2", "-e", "2",
                                      "--synthetic-train-size", "2560"),
                               env=({"EXPERTS": "8"}, {"EXPERTS": "8"}))
-    first.assert_trained(min_accuracy=25)
+    first.assert_trained(min_accuracy=27 - MARGIN)  # 320 steps: the launch path, not learning, is the point
     assert second.returncode == 0, second.output[-3000:]
     assert "--ep-world-size 2 --num-experts 8 --top-k 1 --noisy-gate-policy RSample --moe-param-group" in first.output
 
@@ -262,6 +262,6 @@ def test_torchrun_on_two_nodes_with_zero_3(tmp_path):
                                   "--master_addr", "127.0.0.1", "--master_port", port, ROOT / "cifar10_deepspeed.py",
                                   "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--stage", "3", "-e", "1"]
     first, second = nodes.run(command)
-    first.assert_trained(min_accuracy=40)
+    first.assert_trained(min_accuracy=68 - MARGIN)
     assert second.returncode == 0, second.output[-3000:]
     assert not second.losses()

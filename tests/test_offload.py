@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import MARGIN, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_the_tutorials_recipe_trains_moe_with_ep_2_as_the_readme_runs_it(launch,
     config = tutorial_config(tmp_path, fp16_master)
     run = launch(root / "run_ds_moe.sh", "--deepspeed_config", config, *SYNTHETIC, "--synthetic-train-size", "4800",
                  "-e", "1", "--log-interval", "50", env={"BIND_CORES": "0"})
-    run.assert_trained(min_accuracy=25)
+    run.assert_trained(min_accuracy=52 - MARGIN)
     master = ", fp16 master weights and gradients" if fp16_master else ""
     assert OFFLOAD_LINE.findall(run.output) == [
         f"ZeRO-Offload: the optimizer's state and step on the cpu (ZeRO stage 2{master}); the config's "

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, metric, run_command, start
+from conftest import MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, metric, run_command, start
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_a_killed_rank_resumes_where_the_last_epoch_ended(killed_and_resumed):
     """The resumed run restarts at epoch 2 with the uninterrupted run's weights, data order, LR schedule
     and loss-scale state, and ends with its accuracy within noise."""
     run = killed_and_resumed
-    run.full.assert_trained(min_accuracy=20)
+    run.full.assert_trained(min_accuracy=43 - MARGIN)
     assert run.killed.returncode != 0 and "Finished Training" not in run.killed.output
     assert run.latest_after_kill == "epoch1"  # the unfinished epoch is lost
 
@@ -110,10 +110,9 @@ MOE_EP2 = ["--moe", "--ep-world-size", "2", "--num-experts", "2", "--noisy-gate-
 
 @pytest.mark.parametrize("flags, resumes", [
     (["--dtype", "fp32", "--stage", "2"], {"as saved": ([], False), "with offload": (["--offload", "cpu"], True)}),
-    (["--dtype", "fp32", "--stage", "1", *MOE_EP2], {"as saved": ([], False)}),
     (["--dtype", "fp32", "--stage", "2", *MOE_EP2, "--moe-param-group", "--offload", "cpu"],
      {"as saved": ([], True), "without offload": (["--offload", "none"], False)}),
-], ids=["dense-zero2", "moe-ep2-zero1-rsample", "moe-ep2-zero2-offload"])
+], ids=["dense-zero2", "moe-ep2-zero2-offload"])
 def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_path, flags, resumes):
     """Resuming from the epoch-1 checkpoint of a 2-epoch run prints that run's epoch 2 and final test again,
     also when the resumed run offloads where the saved one did not, or the reverse.
