@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cifar10_deepspeed
 from deepspeed.moe.layer import MoE
@@ -90,6 +91,23 @@ class ReferenceNet(nn.Module):
             self.fc4 = nn.Linear(84, 10)
         else:
             self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        """The reference's dense forward: conv, ReLU and pool twice, flatten, fc1 and fc2 with ReLU, fc3."""
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.fc2(F.relu(self.fc1(torch.flatten(x, 1)))))
+        return self.fc3(x)
+
+
+def test_dense_forward_is_the_references(parse):
+    args = parse()
+    torch.manual_seed(3)
+    ours = Net(args)
+    torch.manual_seed(3)
+    theirs = ReferenceNet(args)
+    images = torch.randn(8, 3, 32, 32)
+    assert torch.equal(ours(images), theirs(images))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
