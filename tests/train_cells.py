@@ -248,6 +248,14 @@ def compare_ranks(records):
             "expert_max_diff": expert_01[1]}
 
 
+def gathered(outcome):
+    """Every rank's (record, error) gathered in one collective: the records, rank by rank, and the first error."""
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    errors = [error for _, error in outcomes if error]
+    return [record for record, _ in outcomes], errors[0] if errors else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="+")
@@ -265,16 +273,10 @@ def main():
             outcome = train_cell(cell, options.steps, options.checks, options.evaluate), None
         except Exception:
             outcome = {}, traceback.format_exc(limit=-3)
-        outcomes = [None] * dist.get_world_size()
-        dist.all_gather_object(outcomes, outcome)
+        records, error = gathered(outcome)
         if dist.get_rank() == 0:
-            records = [record for record, _ in outcomes]
-            errors = [error for _, error in outcomes if error]
-            if errors:
-                report[cell] = {"error": errors[0]}
-            else:
-                report[cell] = {**compare_ranks(records), "ranks": records}
-            print(f"cell {cell}: {'error' if errors else 'done'}", flush=True)
+            report[cell] = {"error": error} if error else {**compare_ranks(records), "ranks": records}
+            print(f"cell {cell}: {'error' if error else 'done'}", flush=True)
     if dist.get_rank() == 0:
         with open(options.report, "w") as f:
             json.dump(report, f)

@@ -44,7 +44,7 @@ from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
-from train_cells import MODELS, expert_of, parameter_snapshot, parse_cell  # noqa: E402
+from train_cells import MODELS, expert_of, gathered, parameter_snapshot, parse_cell  # noqa: E402
 
 GLOBAL_BATCH = 16
 SEED = 0
@@ -53,9 +53,10 @@ EXPERTS = {"top1": [4], "top2": [4], "rsample": [4], "prmoe": [4, 8]}
 CLIPPING = {"acting": 0.05, "idle": 1e6}  # the gradient norm here is 0.3 to 3: 0.05 clips at every step, 1e6 never
 
 
-def layout_flags(layout):
+def layout_flags(layout, steps):
     dtype, stage, model, world, ep, offload = parse_cell(layout)
-    flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "16", "--synthetic-test-size", "1",
+    flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(GLOBAL_BATCH * steps),
+             "--synthetic-test-size", "1",
              "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED), *MODELS[model]]
     if offload:
         flags += ["--offload", "cpu"]
@@ -86,10 +87,8 @@ class GateNoise:
         return noise.to(device)
 
 
-def samples(args, steps):
-    """The training samples of `steps` global batches, as the script's transforms make them."""
-    args.synthetic_train_size = GLOBAL_BATCH * steps
-    trainset, _ = cifar10_deepspeed.load_datasets(args, download=False)
+def samples(trainset):
+    """Every training sample, as the script's transforms make them: the global batches, in order."""
     images, labels = zip(*(trainset[i] for i in range(len(trainset))))
     return torch.stack(images), torch.tensor(labels)
 
@@ -116,18 +115,17 @@ def train_layout(layout, clipping, steps):
     """Train one layout with one clipping mode; return this rank's gradient norms, applied steps, initial and
     final parameters."""
     dtype, stage, model, world, ep, offload = parse_cell(layout)
-    args = cifar10_deepspeed.add_argument(layout_flags(layout))
+    args = cifar10_deepspeed.add_argument(layout_flags(layout, steps))
     config = cifar10_deepspeed.get_ds_config(args)
     config["gradient_clipping"] = CLIPPING[clipping]
     reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
     if reason:
         raise ValueError(reason)
     cifar10_deepspeed.allow_fp16(config)
-    images, labels = samples(args, steps)
+    model_engine, trainloader, _ = cifar10_deepspeed.initialize(args, config)
+    images, labels = samples(trainloader.dataset)
     noise = GateNoise(len(labels), EXPERTS.get(model, []))
     deepspeed.moe.sharded_moe.gumbel_rsample = noise
-
-    model_engine, _, _ = cifar10_deepspeed.initialize(args, config)
     initial = master_parameters(model_engine)
     device = get_accelerator().device_name(model_engine.local_rank)
     target_dtype = cifar10_deepspeed.input_dtype(model_engine)
@@ -189,12 +187,10 @@ def main():
                 outcome = compared(record, truth), None
             except Exception:
                 outcome = {}, traceback.format_exc(limit=-3)
-            outcomes = [None] * dist.get_world_size()
-            dist.all_gather_object(outcomes, outcome)
+            records, error = gathered(outcome)
             if dist.get_rank() == 0:
-                errors = [error for _, error in outcomes if error]
-                report[key] = {"error": errors[0]} if errors else {"ranks": [r for r, _ in outcomes]}
-                print(f"layout {layout}, clipping {clipping}: {'error' if errors else 'done'}", flush=True)
+                report[key] = {"error": error} if error else {"ranks": records}
+                print(f"layout {layout}, clipping {clipping}: {'error' if error else 'done'}", flush=True)
     if dist.get_rank() == 0:
         with open(options.report, "w") as f:
             json.dump(report, f)
