@@ -87,8 +87,9 @@ MUTANTS = [
     # checkpoints and resume
     ("a checkpoint records the epoch it finished as the one to redo", 'client_state = {"epoch": epoch + 1,',
      'client_state = {"epoch": epoch,', [RESUME, "-k", "replays"]),
-    ("resume does not restore the random-number state", 'torch.set_rng_state(rng_state["torch"])', "pass",
-     [RESUME, "-k", "killed"]),
+    ("resume does not restore the random-number state",  # both: on a CPU the accelerator's state is torch's
+     'torch.set_rng_state(rng_state["torch"])\n    get_accelerator().set_rng_state(rng_state["accelerator"])',
+     "pass", [RESUME, "-k", "moe-ep2-zero2-offload"]),
     ("resume accepts a checkpoint of another run", "if saved.get(key) != value]", "if False]",
      [RESUME, "-k", "refused"]),
     # monitors

@@ -1,6 +1,204 @@
-import json
+"""The README and docs/ cannot rot: every command they show is one the script and the run scripts take, or
+refuse with the line the page shows; every setting is one the scripts read; every file and link exists."""
 
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cifar10_deepspeed import add_argument, check_args, load_ds_config
 from conftest import ROOT
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUN_SCRIPTS = sorted(ROOT.glob("run_ds*.sh"))
+SHELL = ("bash", "sh", "shell")
+# Files the pages name that are not this project's: DeepSpeed's, or what a run writes.
+NOT_OURS = {"run.json", "real_accelerator.py", "launch.py", "zero_to_fp32.py"}
+OTHER_SETTINGS = {"DS_ACCELERATOR"}  # read by DeepSpeed, not by the run scripts
+
+
+def page_id(page):
+    return str(page.relative_to(ROOT))
+
+
+def fenced_blocks(text):
+    """(language, body) of every fenced block."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def shell_commands(text):
+    """Every command the page shows: each line of its shell blocks (continuations joined, comments and
+    `&&`/`;`/`|` split), and each inline code span that starts like one."""
+    commands = []
+    for language, body in fenced_blocks(text):
+        if language in SHELL:
+            for line in body.replace("\\\n", " ").splitlines():
+                commands += split_line(line)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        tokens = split_line(span)
+        if tokens and program(tokens[0]) is not None and (len(tokens[0]) > 1 or "run_ds" in tokens[0][0]):
+            commands += tokens  # a command, not the name of a program in a sentence
+    return [command for command in commands if program(command) is not None]
+
+
+def split_line(line):
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    commands, current = [], []
+    for token in lexer:
+        if set(token) <= set(";&|"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return [command for command in commands + [current] if command]
+
+
+def environment_and_rest(command):
+    env = {}
+    while command and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command[0]):
+        name, value = command[0].split("=", 1)
+        env[name] = value
+        command = command[1:]
+    return env, command
+
+
+def program(command):
+    """What the command runs, when it is one of the project's: a run script, a launcher or python."""
+    _, rest = environment_and_rest(command)
+    if not rest:
+        return None
+    name = Path(rest[0]).name
+    if re.fullmatch(r"run_ds\w*\.sh", name) or name in ("deepspeed", "torchrun", "python", "python3"):
+        return name
+    return None
+
+
+def read_settings():
+    return set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", "".join(script.read_text() for script in RUN_SCRIPTS)))
+
+
+def script_args_and_world(command, tmp_path):
+    """The flags cifar10_deepspeed.py gets and the world size, or the run script's refusal.
+
+    Run scripts run for real, with a stand-in for DeepSpeed's launcher that records its arguments; the
+    hostfiles a command names are written first, two nodes each.
+    """
+    env, rest = environment_and_rest(command)
+    name = Path(rest[0]).name
+    if name.startswith("run_ds"):
+        unread = set(env) - read_settings() - OTHER_SETTINGS
+        assert not unread, f"{shlex.join(command)}: the run scripts read no {', '.join(sorted(unread))}"
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        fake = bin_dir / "deepspeed"
+        fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_FILE"\n')
+        fake.chmod(0o755)
+        if "HOSTFILE" in env:
+            (tmp_path / env["HOSTFILE"]).write_text("worker-0 slots=8\nworker-1 slots=8\n")
+        clean = {key: value for key, value in os.environ.items() if key not in read_settings()}
+        run = subprocess.run([ROOT / name, *rest[1:]], cwd=tmp_path, capture_output=True, text=True,
+                             env={**clean, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                  "ARGV_FILE": str(tmp_path / "argv")})
+        if run.returncode:
+            return None, None, run.stderr.strip().splitlines()[-1]
+        rest = ["deepspeed", *(tmp_path / "argv").read_text().splitlines()]
+    launcher = rest[0]
+    for i, token in enumerate(rest[1:], 1):
+        if token.endswith(".py") or token.startswith("-m"):
+            break
+    else:
+        pytest.fail(f"{shlex.join(command)}: no script to run")
+    if rest[i] == "-m":
+        return None, None, None
+    path = Path(rest[i])
+    assert (ROOT / path).is_file() or path.is_file(), f"{shlex.join(command)}: no {path}"
+    if path.name != "cifar10_deepspeed.py":
+        return None, None, None
+    options = dict(re.findall(r"--(\w+)[= ](\d+)", " ".join(rest[1:i])))
+    if launcher == "torchrun":
+        world = int(options.get("nproc_per_node", 1)) * int(options.get("nnodes", 1))
+    else:
+        world = int(options.get("num_gpus", 1)) * int(options.get("num_nodes", 1))
+    return rest[i + 1:], world, None
+
+
+def refusal(argv, world):
+    """The line cifar10_deepspeed.py stops with for these flags on `world` ranks, or None when it runs."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.chdir(ROOT):
+            args = add_argument(argv)
+            config, _ = load_ds_config(args)
+    except SystemExit:
+        return stderr.getvalue().strip()
+    reason = check_args(args, config, world)
+    return reason and f"cifar10_deepspeed.py: error: {reason}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_command_runs_or_is_refused_as_the_page_shows(page, tmp_path):
+    text = page.read_text()
+    commands = shell_commands(text)
+    assert commands, f"{page_id(page)} shows no command"
+    for command in commands:
+        argv, world, refused = script_args_and_world(command, tmp_path)
+        if argv is not None:
+            refused = refusal(argv, world)
+        if refused:
+            assert refused in text, f"{page_id(page)}: `{shlex.join(command)}` is refused with\n{refused}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_page_starts_with_the_command_a_user_runs(page):
+    if page.name == "README.md":
+        return
+    body = page.read_text().split("\n", 1)[1].lstrip("\n")
+    language, _ = fenced_blocks(body)[0]
+    assert body.startswith("```") and language in SHELL, f"{page_id(page)}: no command under its title"
+
+
+def slug(heading):
+    """GitHub's anchor of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_link_and_file_named_exists(page):
+    text = page.read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if re.match(r"\w+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page_id(page)} links to {target}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", linked.read_text(), flags=re.M)
+            assert anchor in map(slug, headings), f"{page_id(page)} links to {target}: no such heading"
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        named = re.fullmatch(r"((?:\.{0,2}/)?(?:[\w.-]+/)*[\w.-]+\.(?:py|sh|json|md|txt|ini))(?:::(\w+))?", span)
+        if not named or Path(named.group(1)).name in NOT_OURS or named.group(1).startswith("/"):
+            continue
+        path = ROOT / named.group(1)
+        assert path.is_file(), f"{page_id(page)} names `{span}`: no such file"
+        if named.group(2):
+            assert f"def {named.group(2)}(" in path.read_text(), f"{page_id(page)} names `{span}`: no such test"
+
+
+def test_every_setting_in_the_table_is_one_the_scripts_read():
+    text = (ROOT / "docs" / "launch.md").read_text()
+    table = text.split("| variable |", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"^\| `([A-Z_]+)` \|", table, flags=re.M))
+    assert named and named <= read_settings()
+    assert read_settings() - named == set(), "a setting the scripts read is missing from docs/launch.md's table"
 
 
 def test_ci_runs_the_readme_test_command():
@@ -8,10 +206,14 @@ def test_ci_runs_the_readme_test_command():
     assert ci_command in (ROOT / "README.md").read_text().splitlines()
 
 
-def test_the_readme_shows_the_offload_config_it_ships():
-    """The README's JSON block of the tutorial's recipe is ds_config_offload.json's fp16 and ZeRO sections."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("```json\n", 1)[1].split("```", 1)[0]
+def test_the_readme_is_at_most_12_kb():
+    assert (ROOT / "README.md").stat().st_size <= 12 * 1024
+
+
+def test_the_offload_page_shows_the_config_it_ships():
+    """docs/offload.md's JSON block of the tutorial's recipe is ds_config_offload.json's fp16 and ZeRO sections."""
+    page = (ROOT / "docs" / "offload.md").read_text()
+    block = page.split("```json\n", 1)[1].split("```", 1)[0]
     shipped = json.loads((ROOT / "ds_config_offload.json").read_text())
     assert json.loads("{" + block + "}") == {key: shipped[key] for key in ("fp16", "zero_optimization")}
     reference = json.loads((ROOT / "ds_config.json").read_text())

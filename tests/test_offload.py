@@ -1,4 +1,4 @@
-"""ZeRO-Offload end to end: DeepSpeed's MoE tutorial's recipe as the README ships it, and its old spelling.
+"""ZeRO-Offload end to end: DeepSpeed's MoE tutorial's recipe as docs/offload.md ships it, and its old spelling.
 
 The config, the checks and the offload line are tested in test_config.py; the
 offload cells of the matrix (test_matrix.py) check every parameter moves, ranks
