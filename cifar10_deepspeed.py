@@ -84,13 +84,29 @@ def build_parser():
     parser.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, or is downloaded to (default: ./data)")
     parser.add_argument("--synthetic-train-size", default=5000, type=int, help="synthetic training images (default: 5000)")
     parser.add_argument("--synthetic-test-size", default=1000, type=int, help="synthetic test images (default: 1000)")
+    parser.add_argument("--data-path", default="tensor", choices=["tensor", "pil"],
+                        help="tensor: the set decoded once into one uint8 tensor, each batch gathered from it and "
+                             "normalized on the accelerator; pil: torchvision's per-image transforms, for your own PIL "
+                             "transforms (default: tensor; the same numbers either way)")
     parser.add_argument("--data-workers", default=None, type=int,
-                        help="data-loader worker processes per rank (default: chosen from the rank's cores; "
-                             "0 on DeepSpeed's CPU accelerator)")
+                        help="data-loader worker processes per rank (default: 0 on the tensor path and on DeepSpeed's "
+                             "CPU accelerator, else chosen from the rank's cores)")
     parser.add_argument("--seed", default=None, type=int,
                         help="seed for model init, gate noise and data order; every rank builds the same initial model, "
                              "then each rank but 0 reseeds its gate noise with seed + rank (default: unseeded, "
                              "data order seed 0)")
+
+    # Batch and learning rate: beyond the reference, whose values their defaults keep.
+    parser.add_argument("--batch-size", default=None, type=int,
+                        help="global batch: train_batch_size (default: 16; with --deepspeed_config, the file's)")
+    parser.add_argument("--micro-batch", default=None, type=int,
+                        help="batch per rank and step: train_micro_batch_size_per_gpu (default: the global batch over "
+                             "the data-parallel ranks and accumulation steps)")
+    parser.add_argument("--grad-accum", default=None, type=int,
+                        help="micro-batches per optimizer step: gradient_accumulation_steps (default: 1)")
+    parser.add_argument("--lr", default=None, type=float,
+                        help="the optimizer's lr and WarmupLR's warmup_max_lr (default: 1e-3; with --deepspeed_config, "
+                             "the file's)")
 
     # MoE levers: beyond the reference, whose behaviour their defaults keep.
     parser.add_argument("--moe-aux-loss-coef", default=0.0, type=float,
@@ -188,7 +204,50 @@ def get_ds_config(args):
     }
     if args.offload == "cpu":
         offload_to_cpu(config["zero_optimization"], parameters=config["zero_optimization"]["stage"] == 3)
+    set_batch_and_lr(config, args)
     return config
+
+
+BATCH_FLAGS = {"--batch-size": "train_batch_size", "--micro-batch": "train_micro_batch_size_per_gpu",
+               "--grad-accum": "gradient_accumulation_steps"}
+
+
+def set_batch_and_lr(config, args):
+    """Write the batch flags and --lr that were given into a config; return a note of each value it overrode."""
+    notes = []
+    if args.micro_batch and args.grad_accum and args.batch_size is None and "train_batch_size" in config:
+        notes.append(f"--micro-batch and --grad-accum set the global batch, its {config.pop('train_batch_size')}")
+    for flag, key in BATCH_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            if key in config and config[key] != value:
+                notes.append(f"{flag} {value} overrides its {config[key]}")
+            config[key] = value
+    if args.lr is not None:
+        optimizer = config.setdefault("optimizer", {}).setdefault("params", {})
+        if optimizer.get("lr", args.lr) != args.lr:
+            notes.append(f"--lr {args.lr:g} overrides its {optimizer['lr']:g}")
+        optimizer["lr"] = args.lr
+        scheduler = config.get("scheduler", {}).get("params", {})
+        if "warmup_max_lr" in scheduler:
+            scheduler["warmup_max_lr"] = args.lr
+    return notes
+
+
+def batch_sizes(config, world_size):
+    """The global batch, micro-batch and accumulation steps DeepSpeed derives from those the config sets (any one
+    or two of them set the rest, as in DeepSpeed's config), over `world_size` data-parallel ranks."""
+    batch, micro, accum = (config.get(key) for key in BATCH_FLAGS.values())
+    if batch and micro and not accum:
+        accum = batch // micro // world_size
+    elif batch and accum and not micro:
+        micro = batch // world_size // accum
+    elif batch and not micro and not accum:
+        micro, accum = batch // world_size, 1
+    elif micro:
+        accum = accum or 1
+        batch = batch or micro * accum * world_size
+    return batch, micro, accum
 
 
 OFFLOADED = {"offload_optimizer": "the optimizer's state and step", "offload_param": "the parameters"}
@@ -245,6 +304,7 @@ def load_ds_config(args):
     if args.offload == "cpu" and offload_device(zero) == "none":  # one that offloads otherwise is refused
         notes.append("--offload cpu adds ZeRO-Offload")
         offload_to_cpu(zero, parameters=zero.get("stage", 0) == 3)
+    notes += set_batch_and_lr(config, args)
     source = "; ".join(notes) or "--dtype/--stage not given"
     note = (f"Using {args.deepspeed_config}: dtype {config_dtype(config)}, ZeRO stage {zero.get('stage', 0)} "
             f"({source})")
@@ -272,6 +332,10 @@ def check_args(args, config, world_size):
         return "--capacity-factor and --eval-capacity-factor must be positive"
     if args.moe_aux_loss_coef < 0:
         return f"--moe-aux-loss-coef must not be negative, got {args.moe_aux_loss_coef}"
+    for flag in (*BATCH_FLAGS, "--lr"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value <= 0:
+            return f"{flag} must be positive, got {value:g}"
     if config.get("fp16", {}).get("enabled") and config.get("bf16", config.get("bfloat16", {})).get("enabled"):
         return "the DeepSpeed config enables both fp16 and bf16; enable one"
     offload = offload_device(config.get("zero_optimization", {}))
@@ -285,8 +349,23 @@ def check_args(args, config, world_size):
             or config.get("optimizer", {}).get("params", {}).get("torch_adam")):
         return ("fp16_master_weights_and_grads needs fp16 (--dtype fp16) and ZeRO stage 1, 2 or 3 with the optimizer "
                 "offloaded to the cpu (--offload cpu) by DeepSpeed's CPU Adam (not \"torch_adam\")")
-    if not args.moe:
-        return None
+    return (check_moe(args, stage, world_size) if args.moe else None) or check_batch(config, world_size)
+
+
+def check_batch(config, world_size):
+    """Why the config's batch settings cannot hold on `world_size` ranks, or None."""
+    batch, micro, accum = batch_sizes(config, world_size)
+    if not batch and not micro:
+        return "the DeepSpeed config sets no batch size: give --batch-size or --micro-batch"
+    if not micro or not accum or batch != micro * accum * world_size:
+        return (f"the batch does not add up: global batch {batch} != micro-batch {micro} x {accum} accumulation "
+                f"steps x {world_size} data-parallel ranks = {(micro or 0) * (accum or 0) * world_size}; "
+                f"set --batch-size, --micro-batch and --grad-accum so that it does")
+    return None
+
+
+def check_moe(args, stage, world_size):
+    """Why this MoE mix cannot run, or None."""
     if stage == 3:
         return "--moe does not work with ZeRO stage 3: DeepSpeed's MoE supports stages 0, 1 and 2"
     if args.ep_world_size < 1:
@@ -398,13 +477,64 @@ class SyntheticCIFAR10(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the reference's Normalize
+
+
+class ImageTensor(torch.utils.data.Dataset):
+    """A decoded image set as one uint8 tensor of N x 32 x 32 x 3 (torchvision's array, shared, not copied) and
+    its labels. The loader takes whole batches from it by index (__getitems__); `to_inputs` normalizes them."""
+
+    def __init__(self, dataset):
+        self.data, self.targets = torch.from_numpy(dataset.data), torch.tensor(dataset.targets)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.data[index], self.targets[index]
+
+    def __getitems__(self, indices):
+        indices = torch.tensor(indices)
+        return self.data[indices], self.targets[indices]
+
+
+def whole_batch(batch):
+    """The collate function of the tensor path: ImageTensor already gathered the batch."""
+    return batch
+
+
+def collate_fn(dataset):
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return whole_batch if isinstance(base, ImageTensor) else None
+
+
 def load_datasets(args, download):
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    """The training and test sets: on the tensor path uint8 ImageTensors, on the PIL path torchvision's per-image
+    transforms, ToTensor and Normalize, as in the reference."""
+    transform = None
+    if args.data_path == "pil":
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     if args.dataset == "synthetic":
-        return (SyntheticCIFAR10(args.synthetic_train_size, train=True, transform=transform),
+        sets = (SyntheticCIFAR10(args.synthetic_train_size, train=True, transform=transform),
                 SyntheticCIFAR10(args.synthetic_test_size, train=False, transform=transform))
-    return (torchvision.datasets.CIFAR10(root=args.data_dir, train=True, download=download, transform=transform),
-            torchvision.datasets.CIFAR10(root=args.data_dir, train=False, download=download, transform=transform))
+    else:
+        sets = (torchvision.datasets.CIFAR10(root=args.data_dir, train=True, download=download, transform=transform),
+                torchvision.datasets.CIFAR10(root=args.data_dir, train=False, download=download, transform=transform))
+    return sets if args.data_path == "pil" else tuple(map(ImageTensor, sets))
+
+
+def to_inputs(images, device, dtype):
+    """A batch as the model takes it, on `device` in `dtype` (None: float32).
+
+    The tensor path's batch moves as uint8 and becomes what ToTensor and Normalize make of each image, bit for
+    bit: the same float32 operations, on the whole batch. 255 is a device tensor because CUDA multiplies by the
+    reciprocal of a host scalar, which rounds differently from ToTensor's division.
+    """
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).contiguous().float() / torch.tensor(255.0, device=images.device)
+        images = transforms.functional.normalize(images, MEAN, STD)
+    return images if dtype is None else images.to(dtype)
 
 
 def stop(message, every_rank=False):
@@ -474,6 +604,13 @@ def load_data(args):
     return datasets
 
 
+def test_loader(testset, batch_size, shard):
+    """The test set in order, in batches of `batch_size`; with shard, only this rank's every world_size-th image."""
+    if shard:
+        testset = torch.utils.data.Subset(testset, range(dist.get_rank(), len(testset), dist.get_world_size()))
+    return torch.utils.data.DataLoader(testset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn(testset))
+
+
 def count_correct(model_engine, testset, local_device, target_dtype, test_batch_size=4, shard=False):
     """Correct predictions and test images per class, summed over ranks.
 
@@ -481,17 +618,13 @@ def count_correct(model_engine, testset, local_device, target_dtype, test_batch_
     rank runs the whole test set, as expert-parallel MoE and ZeRO-3 need: their
     forward pass exchanges data between ranks, so all ranks must run every batch.
     """
-    if shard:
-        testset = torch.utils.data.Subset(testset, range(dist.get_rank(), len(testset), dist.get_world_size()))
-    testloader = torch.utils.data.DataLoader(testset, batch_size=test_batch_size, shuffle=False)
+    testloader = test_loader(testset, test_batch_size, shard)
     class_correct = torch.zeros(len(CLASSES), dtype=torch.long, device=local_device)
     class_total = torch.zeros(len(CLASSES), dtype=torch.long, device=local_device)
     model_engine.eval()
     with torch.no_grad():
         for images, labels in testloader:
-            images, labels = images.to(local_device), labels.to(local_device)
-            if target_dtype is not None:
-                images = images.to(target_dtype)
+            images, labels = to_inputs(images, local_device, target_dtype), labels.to(local_device)
             predicted = model_engine(images).argmax(dim=1)
             class_total += torch.bincount(labels, minlength=len(CLASSES))
             class_correct += torch.bincount(labels[predicted == labels], minlength=len(CLASSES))
@@ -713,9 +846,7 @@ def resume(model_engine, args):
 
 def train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef=0.0):
     """One step of the reference's loop, plus the MoE aux loss when asked; returns the loss, still on the device."""
-    inputs, labels = inputs.to(local_device), labels.to(local_device)
-    if target_dtype is not None:
-        inputs = inputs.to(target_dtype)
+    inputs, labels = to_inputs(inputs, local_device, target_dtype), labels.to(local_device)
     outputs = model_engine(inputs)
     loss = criterion(outputs, labels)
     objective = loss
@@ -732,22 +863,31 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
     net = model_engine.module
     expert_load = ExpertLoad(net, local_device) if args.moe else None
     aux_loss_coef = args.moe_aux_loss_coef if args.moe else 0.0  # a dense Net has no gate, so no aux loss
+    accumulation = model_engine.gradient_accumulation_steps()
+    steps_per_epoch = len(trainloader) // accumulation  # optimizer steps; the loader yields micro-batches
     for epoch in range(start_epoch, args.epochs):
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
         steps = []  # (samples seen, loss, gradient norm) of each step, on the device: read only at log intervals
+        micro_losses = []
         epoch_start = interval_start = time.perf_counter()
-        with progress_bar(args, len(trainloader), epoch) as bar:
-            for i, (inputs, labels) in enumerate(trainloader):
-                loss = train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef)
+        with progress_bar(args, steps_per_epoch, epoch) as bar:
+            for micro_step, (inputs, labels) in enumerate(trainloader):
+                micro_losses.append(
+                    train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef))
                 if expert_load:
                     expert_load.add(net)
+                if len(micro_losses) < accumulation:
+                    continue
+                i = micro_step // accumulation  # the optimizer step just taken; its loss is its micro-batches' mean
+                loss = micro_losses[0] if accumulation == 1 else torch.stack(micro_losses).mean()
+                micro_losses = []
                 steps.append((model_engine.global_samples, loss, grad_norm(model_engine, local_device)))
                 advance(bar, model_engine, steps, expert_load)
                 if i % args.log_interval == args.log_interval - 1:
                     losses, norms = write_step_metrics(model_engine, steps)
                     with tqdm.external_write_mode(file=sys.stdout):
                         log_progress(model_engine, epoch, i, losses, norms, time.perf_counter() - interval_start,
-                                     len(trainloader), args.log_interval, expert_load)
+                                     steps_per_epoch, args.log_interval, expert_load)
                     interval_start = time.perf_counter()
         if steps:
             write_step_metrics(model_engine, steps)
@@ -917,13 +1057,15 @@ def initialize(args, config):
         parameters = create_moe_param_groups(net)
 
     model_engine, optimizer, trainloader, __ = deepspeed.initialize(
-        args=args, model=net, model_parameters=parameters, training_data=trainset, config=config)
+        args=args, model=net, model_parameters=parameters, training_data=trainset, collate_fn=collate_fn(trainset),
+        config=config)
     scale_the_fp16_loss(model_engine)
     clip_by_the_global_norm(model_engine)
     if args.seed is not None:
         trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
     # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
-    trainloader.num_local_io_workers = data_loader_workers() if args.data_workers is None else args.data_workers
+    workers = 0 if args.data_path == "tensor" else data_loader_workers()  # gathering a batch is one indexing op
+    trainloader.num_local_io_workers = workers if args.data_workers is None else args.data_workers
     return model_engine, trainloader, testset
 
 

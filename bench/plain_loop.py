@@ -4,8 +4,8 @@
 
 One process, fp32. AdamW (DeepSpeed's Adam in its default AdamW mode) with
 the lr, betas, eps and weight decay of the script's config; its gradient
-clipping (1.0); DeepSpeed's WarmupLR log warm-up as a LambdaLR; the synthetic data with the script's
-transforms, batch 16, reshuffled each epoch. Prints the reference's loss
+clipping (1.0); DeepSpeed's WarmupLR log warm-up as a LambdaLR; the synthetic data on the script's default (tensor)
+data path, batch 16, reshuffled each epoch. Prints the reference's loss
 lines and the same throughput lines as cifar10_deepspeed.py, so
 bench/throughput.py reads both alike.
 """
@@ -51,7 +51,8 @@ def main():
     trainset, _ = cifar10_deepspeed.load_datasets(net_args, download=False)
     workers = cifar10_deepspeed.data_loader_workers() if args.workers is None else args.workers
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True, num_workers=workers,
-                                              persistent_workers=workers > 0)
+                                              persistent_workers=workers > 0,
+                                              collate_fn=cifar10_deepspeed.collate_fn(trainset))
     net = cifar10_deepspeed.Net(net_args)
     config = cifar10_deepspeed.get_ds_config(net_args)
     adam, warmup = config["optimizer"]["params"], config["scheduler"]["params"]
@@ -65,7 +66,7 @@ def main():
         interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
             optimizer.zero_grad()
-            loss = criterion(net(inputs), labels)
+            loss = criterion(net(cifar10_deepspeed.to_inputs(inputs, "cpu", None)), labels)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
             optimizer.step()

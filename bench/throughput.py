@@ -1,6 +1,7 @@
 """Throughput and start-up of cifar10_deepspeed.py against a plain-PyTorch loop, side by side.
 
     python bench/throughput.py [--rounds 2] [--epochs 2]
+    python bench/throughput.py --data-paths    # the tensor data path against the PIL path
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -74,11 +75,51 @@ def measure(cmd, env, epochs):
     return speed, first_line - LOG_INTERVAL * 16 / speed, launcher, output
 
 
+DATA_PATH_RUNS = [  # (what, command, environment): each runs with --data-path tensor and pil, batch 16 and 128
+    ("dense, 1 rank", SCRIPT, {}),
+    ("MoE 2 experts top-1, 1 rank", SCRIPT + MOE, {}),
+    ("dense, 2 ranks", [os.path.join(ROOT, "run_ds.sh"), *DATA], {"NUM_GPUS": "2"}),
+    ("MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA], {}),
+]
+EPOCH = re.compile(r"^\[ \d+, +\d+\] \d+ samples/s, ([\d.]+) s/epoch")
+
+
+def epoch_seconds(cmd, env, epochs):
+    """Run once; return the mean epoch time the throughput lines after the first report."""
+    proc = subprocess.run([*cmd, "-e", str(epochs)], capture_output=True, text=True, env={**os.environ, **env})
+    seconds = [float(m.group(1)) for m in map(EPOCH.match, proc.stdout.splitlines()) if m]
+    if proc.returncode != 0 or len(seconds) < 2:
+        sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return statistics.mean(seconds[1:])
+
+
+def compare_data_paths(rounds, epochs):
+    """The epoch time on the tensor path and on the PIL path, side by side, rounds interleaved: a Markdown table."""
+    results = {}
+    for _ in range(rounds):
+        for what, cmd, env in DATA_PATH_RUNS:
+            for batch, interval in ((16, LOG_INTERVAL), (128, 10)):  # 128: 39 steps an epoch
+                for path in ("tensor", "pil"):
+                    flags = ["--batch-size", str(batch), "--log-interval", str(interval), "--data-path", path]
+                    results.setdefault((what, batch, path), []).append(epoch_seconds([*cmd, *flags], env, epochs))
+    print(f"| run ({os.cpu_count()} cores, fp32, 5000 images) | batch | tensor path s/epoch | PIL path s/epoch "
+          "| tensor / PIL |")
+    print("| --- | --- | --- | --- | --- |")
+    for what, _, _ in DATA_PATH_RUNS:
+        for batch in (16, 128):
+            tensor, pil = (statistics.median(results[what, batch, path]) for path in ("tensor", "pil"))
+            print(f"| {what} | {batch} | {tensor:.2f} | {pil:.2f} | {tensor / pil:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--data-paths", action="store_true",
+                        help="instead: the epoch time on the tensor and the PIL data path, batch 16 and 128")
     args = parser.parse_args()
+    if args.data_paths:
+        return compare_data_paths(args.rounds, args.epochs)
     results = {name: [] for name, _, _ in CONFIGS}
     for _, cmd, env in (config for config in CONFIGS if config[2] is WARM):
         measure(cmd, env, 1)  # fills the warm cache

@@ -162,3 +162,20 @@ def test_node_rank_needs_the_hostfile_and_the_master_address(root, tmp_path):
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     assert run_script(root, tmp_path, "run_ds.sh", NODE_RANK="1", HOSTFILE=str(hostfile)) == (2, (
         "run_ds.sh: error: NODE_RANK needs MASTER_ADDR: the address of the node of rank 0\n"))
+
+
+@pytest.mark.parametrize("argv, world_size, expected", [
+    ([], 3, "the batch does not add up: global batch 16 != micro-batch 5 x 1 accumulation steps x 3 data-parallel "
+            "ranks = 15; set --batch-size, --micro-batch and --grad-accum so that it does"),
+    (["--batch-size", "16", "--micro-batch", "4", "--grad-accum", "2"], 1,
+     "the batch does not add up: global batch 16 != micro-batch 4 x 2 accumulation steps x 1 data-parallel ranks = 8; "
+     "set --batch-size, --micro-batch and --grad-accum so that it does"),
+    (["--batch-size", "8"], 16, "the batch does not add up: global batch 8 != micro-batch 0 x 1 accumulation steps "
+                                "x 16 data-parallel ranks = 0; set --batch-size, --micro-batch and --grad-accum so "
+                                "that it does"),
+    (["--batch-size", "0"], 1, "--batch-size must be positive, got 0"),
+    (["--grad-accum", "-1"], 1, "--grad-accum must be positive, got -1"),
+    (["--lr", "0"], 1, "--lr must be positive, got 0"),
+])
+def test_a_batch_that_cannot_hold_is_refused_with_its_arithmetic(parse, argv, world_size, expected):
+    assert reason(parse, *argv, world_size=world_size) == expected

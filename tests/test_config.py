@@ -225,3 +225,33 @@ def test_data_loader_workers_from_the_cores(monkeypatch, cores, on_host, workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(cifar10_deepspeed, "get_accelerator", lambda: Accelerator(True, on_host))
     assert cifar10_deepspeed.data_loader_workers() == workers
+
+
+def test_batch_and_lr_flags_write_the_config(parse):
+    config = get_ds_config(parse("--batch-size", "64", "--micro-batch", "8", "--grad-accum", "2", "--lr", "0.004"))
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert config["optimizer"]["params"]["lr"] == config["scheduler"]["params"]["warmup_max_lr"] == 0.004
+    assert "train_micro_batch_size_per_gpu" not in get_ds_config(parse("--batch-size", "64"))
+
+
+def test_batch_and_lr_flags_override_the_config_file_and_say_so(parse):
+    path = str(ROOT / "ds_config.json")
+    loaded, note = load_ds_config(parse("--deepspeed_config", path, "--batch-size", "128", "--micro-batch", "64",
+                                        "--lr", "0.01"))
+    assert (loaded["train_batch_size"], loaded["train_micro_batch_size_per_gpu"]) == (128, 64)
+    assert loaded["optimizer"]["params"]["lr"] == loaded["scheduler"]["params"]["warmup_max_lr"] == 0.01
+    assert note == (f"Using {path}: dtype fp16, ZeRO stage 0 "
+                    "(--batch-size 128 overrides its 16; --lr 0.01 overrides its 0.001)")
+
+
+@pytest.mark.parametrize("flags, world_size, sizes", [
+    ([], 1, (16, 16, 1)), ([], 2, (16, 8, 1)), (["--batch-size", "64", "--grad-accum", "2"], 2, (64, 16, 2)),
+    (["--micro-batch", "4"], 2, (16, 4, 2)), (["--batch-size", "32", "--micro-batch", "4"], 2, (32, 4, 4)),
+    (["--micro-batch", "4", "--grad-accum", "3"], 2, (24, 4, 3))])
+def test_batch_sizes_are_derived_as_deepspeed_derives_them(parse, flags, world_size, sizes):
+    """Any one or two of the three set the rest; --micro-batch with --grad-accum sets the global batch too."""
+    args = parse(*flags)
+    config = get_ds_config(args)
+    assert cifar10_deepspeed.batch_sizes(config, world_size) == sizes
+    assert check_args(args, config, world_size) is None

@@ -64,7 +64,8 @@ def batches(args):
     """The first STEPS batches of 16 of the synthetic training set, as the script's transforms make them."""
     trainset, _ = cifar10_deepspeed.load_datasets(args, download=False)
     images, labels = zip(*(trainset[i] for i in range(16 * STEPS)))
-    return list(zip(torch.stack(images).split(16), torch.tensor(labels).split(16)))
+    images = cifar10_deepspeed.to_inputs(torch.stack(images), "cpu", None)
+    return list(zip(images.split(16), torch.tensor(labels).split(16)))
 
 
 @pytest.mark.parametrize("flags", [[], ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample"],

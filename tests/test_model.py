@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import cifar10_deepspeed
 from deepspeed.moe.layer import MoE
+from deepspeed.runtime.dataloader import DeepSpeedDataLoader
 
 from cifar10_deepspeed import Net, SyntheticCIFAR10, create_moe_param_groups, load_datasets
 
@@ -178,11 +179,67 @@ def test_synthetic_data_is_deterministic_cifar_shaped_and_labelled():
 
 def test_synthetic_data_goes_through_the_cifar_transforms(parse):
     trainset, testset = load_datasets(parse("--dataset", "synthetic", "--synthetic-train-size", "20",
-                                            "--synthetic-test-size", "7"), download=False)
+                                            "--synthetic-test-size", "7", "--data-path", "pil"), download=False)
     assert (len(trainset), len(testset)) == (20, 7)
     image, label = trainset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert -1 <= image.min() and image.max() <= 1 and label in range(10)
+
+
+def both_data_paths(parse, *flags):
+    return {path: load_datasets(parse("--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size",
+                                      "21", "--data-path", path, *flags), download=False) for path in ("tensor", "pil")}
+
+
+def test_the_tensor_path_holds_the_set_once_as_uint8(parse):
+    (trainset, testset), (pil_train, _) = both_data_paths(parse).values()
+    assert trainset.data.dtype == torch.uint8 and trainset.data.shape == (96, 32, 32, 3)
+    assert trainset.targets.tolist() == pil_train.targets and len(testset) == 21
+    decoded = SyntheticCIFAR10(8, train=True)
+    assert np.shares_memory(cifar10_deepspeed.ImageTensor(decoded).data.numpy(), decoded.data)  # no second copy
+
+
+def test_the_tensor_path_makes_what_totensor_and_normalize_make_of_any_uint8_batch():
+    """Also from an array laid out image by image (N, H, W, C in memory, unlike CIFAR-10's and the synthetic set's
+    channel planes): a contiguous batch, as ToTensor's, so that the convolutions run as on the PIL path."""
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    transform = cifar10_deepspeed.transforms.Compose([cifar10_deepspeed.transforms.ToTensor(),
+                                                      cifar10_deepspeed.transforms.Normalize(cifar10_deepspeed.MEAN,
+                                                                                             cifar10_deepspeed.STD)])
+    expected = torch.stack([transform(cifar10_deepspeed.Image.fromarray(image.numpy())) for image in images])
+    inputs = cifar10_deepspeed.to_inputs(images, "cpu", None)
+    assert inputs.is_contiguous() and torch.equal(inputs, expected)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_tensor_path_feeds_the_pil_paths_batches_bit_for_bit(parse, monkeypatch, world):
+    """DeepSpeed's loader, on every rank, for two epochs, and the evaluation's loader, sharded and not: the same
+    samples in the same order, and to_inputs makes of each uint8 batch exactly the floats ToTensor and Normalize
+    make (in bf16 and fp16 too, cast from them)."""
+    sets = both_data_paths(parse)
+    for rank in range(world):
+        loaders = {path: DeepSpeedDataLoader(trainset, batch_size=16 // world, pin_memory=False, local_rank=0,
+                                             tput_timer=None, collate_fn=cifar10_deepspeed.collate_fn(trainset),
+                                             num_local_io_workers=0, data_parallel_world_size=world,
+                                             data_parallel_rank=rank)
+                   for path, (trainset, _) in sets.items()}
+        for epoch in (0, 1):
+            for loader in loaders.values():
+                loader.data_sampler.set_epoch(epoch)
+            batches = list(zip(*loaders.values()))
+            assert len(batches) == 6
+            for (images, labels), (expected, expected_labels) in batches:
+                assert images.dtype == torch.uint8 and torch.equal(labels, expected_labels)
+                for dtype in (None, torch.bfloat16, torch.float16):
+                    inputs = cifar10_deepspeed.to_inputs(images, "cpu", dtype)
+                    assert torch.equal(inputs, expected if dtype is None else expected.to(dtype))
+        monkeypatch.setattr(cifar10_deepspeed.dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(cifar10_deepspeed.dist, "get_world_size", lambda: world)
+        for shard in (False, True):
+            tests = [cifar10_deepspeed.test_loader(testset, 4, shard) for _, testset in sets.values()]
+            for (images, labels), (expected, expected_labels) in zip(*tests, strict=True):
+                assert torch.equal(cifar10_deepspeed.to_inputs(images, "cpu", None), expected)
+                assert torch.equal(labels, expected_labels)
 
 
 def test_train_tells_the_sampler_each_epoch(single_rank_group, parse, capsys):
@@ -190,7 +247,7 @@ def test_train_tells_the_sampler_each_epoch(single_rank_group, parse, capsys):
     trainset, testset = load_datasets(args, download=False)
     engine, _, trainloader, _ = cifar10_deepspeed.deepspeed.initialize(
         model=Net(args), model_parameters=Net(args).parameters(), training_data=trainset,
-        config=cifar10_deepspeed.get_ds_config(args))
+        collate_fn=cifar10_deepspeed.collate_fn(trainset), config=cifar10_deepspeed.get_ds_config(args))
     orders = []
     for epoch in range(3):
         args.epochs = epoch + 1
@@ -266,3 +323,24 @@ def test_moe_forward_exposes_aux_losses_and_expert_counts(parse):
     assert len(net.aux_losses) == 2 and all(a.requires_grad for a in net.aux_losses)
     gate = net.moe_layer_list[0].deepspeed_moe.gate
     assert (gate.capacity_factor, gate.drop_tokens) == (2.0, False)
+
+
+def test_gradient_accumulation_trains_and_logs_as_one_batch(single_rank_group, parse, capsys):
+    """--micro-batch 8 --grad-accum 2 takes the optimizer steps that --batch-size 16 takes, on the same samples:
+    the same weights within fp32 rounding, and loss lines at the same optimizer steps, each the mean of its
+    interval's steps."""
+    lines, finals = {}, {}
+    for name, flags in {"one batch": [], "accumulated": ["--micro-batch", "8", "--grad-accum", "2"]}.items():
+        args = parse("--deepspeed", "--dataset", "synthetic", "--dtype", "fp32", "--synthetic-train-size", "128",
+                     "--synthetic-test-size", "8", "--log-interval", "2", "--seed", "0", "-e", "1", *flags)
+        engine, trainloader, testset = cifar10_deepspeed.initialize(args, cifar10_deepspeed.get_ds_config(args))
+        capsys.readouterr()
+        cifar10_deepspeed.train(engine, trainloader, testset, args, 0, "cpu", None, shard_eval=True)
+        lines[name] = [line for line in capsys.readouterr().out.splitlines() if "loss:" in line]
+        finals[name] = [p.detach().clone() for p in engine.module.parameters()]
+        assert engine.global_steps == 8 and engine.train_batch_size() == 16
+    assert [line.split("loss:")[0] for line in lines["accumulated"]] == [f"[ 1,     {i}] " for i in (2, 4, 6, 8)]
+    for one, accumulated in zip(lines["one batch"], lines["accumulated"], strict=True):
+        assert float(one.split("loss:")[1]) == pytest.approx(float(accumulated.split("loss:")[1]), abs=1.5e-3)
+    for one, accumulated in zip(finals["one batch"], finals["accumulated"]):
+        torch.testing.assert_close(accumulated, one, rtol=1e-5, atol=1e-6)

@@ -150,10 +150,10 @@ def expert_of(name, net):
     return int(match[1]), ep_rank * layer.num_local_experts + int(match[2])
 
 
-def train_cell(cell, steps, checks, evaluate):
+def train_cell(cell, steps, checks, evaluate, data_path):
     """Train one cell; return this rank's record: losses always, `checks` and test accuracy when asked."""
     dtype = parse_cell(cell)[0]
-    args = cifar10_deepspeed.add_argument(cell_flags(cell, steps))
+    args = cifar10_deepspeed.add_argument([*cell_flags(cell, steps), "--data-path", data_path])
     config = cifar10_deepspeed.get_ds_config(args)
     reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
     if reason:
@@ -169,7 +169,8 @@ def train_cell(cell, steps, checks, evaluate):
         """The script's train_step, as train() calls it, with what the cell records around it."""
         i = len(record["losses"])
         if dtype == "fp16" and i in OVERFLOW_STEPS:
-            inputs = torch.full_like(inputs, float("inf"))  # non-finite activations and gradients
+            inputs = torch.full_like(cifar10_deepspeed.to_inputs(inputs, "cpu", None), float("inf"))  # non-finite
+            # activations and gradients
         watched = checks and i in (OVERFLOW_STEPS[0], steps - 1)
         if watched:
             before = parameter_snapshot(model_engine)
@@ -263,6 +264,7 @@ def main():
     parser.add_argument("--steps", type=int, default=14, help="training steps per cell (one epoch)")
     parser.add_argument("--checks", action="store_true", help="record what moved, what each rank holds, overflows")
     parser.add_argument("--evaluate", action="store_true", help="record the test accuracy")
+    parser.add_argument("--data-path", default="tensor", choices=["tensor", "pil"], help="the script's --data-path")
     parser.add_argument("--local_rank", type=int)
     options = parser.parse_args()
 
@@ -270,7 +272,7 @@ def main():
     report = {}
     for cell in options.cells:
         try:
-            outcome = train_cell(cell, options.steps, options.checks, options.evaluate), None
+            outcome = train_cell(cell, options.steps, options.checks, options.evaluate, options.data_path), None
         except Exception:
             outcome = {}, traceback.format_exc(limit=-3)
         records, error = gathered(outcome)

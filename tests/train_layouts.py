@@ -88,7 +88,8 @@ class GateNoise:
 
 
 def samples(trainset):
-    """Every training sample, as the script's transforms make them: the global batches, in order."""
+    """Every training sample, as the data path holds it (train_step makes the model's inputs): the global batches,
+    in order."""
     images, labels = zip(*(trainset[i] for i in range(len(trainset))))
     return torch.stack(images), torch.tensor(labels)
 
