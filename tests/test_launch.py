@@ -164,8 +164,8 @@ def printed_results(run):
 def test_same_seed_gives_the_same_lines_on_either_data_path(launch, script):
     """With one seed, the PIL path prints the tensor path's lines, digit for digit: losses, gradient norms, expert
     load and accuracy; another seed prints other losses."""
-    cmd = ["python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "10", "--dtype", "fp32",
-           "-e", "2", "--synthetic-train-size", "320", "--synthetic-test-size", "40", "--moe", "--num-experts", "2",
+    cmd = ["python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "5", "--dtype", "fp32",
+           "-e", "2", "--synthetic-train-size", "160", "--synthetic-test-size", "40", "--moe", "--num-experts", "2",
            "--noisy-gate-policy", "RSample", "--eval-every", "1"]
     first, again, other = launch(*cmd, "--seed", "1"), launch(*cmd, "--seed", "1", "--data-path", "pil"), launch(
         *cmd, "--seed", "2")

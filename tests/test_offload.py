@@ -31,7 +31,7 @@ def tutorial_config(tmp_path, fp16_master):
 
 
 @pytest.mark.parametrize("fp16_master", [True, False], ids=["fp16-master", "fp32-master"])
-def test_the_tutorials_recipe_trains_moe_with_ep_2_as_the_readme_runs_it(launch, root, tmp_path, fp16_master):
+def test_the_tutorials_recipe_trains_moe_with_ep_2_as_its_page_runs_it(launch, root, tmp_path, fp16_master):
     """ZeRO 2 with "cpu_offload": true, fp16, MoE with EP 2 on 2 ranks and --moe-param-group (run_ds_moe.sh)."""
     config = tutorial_config(tmp_path, fp16_master)
     run = launch(root / "run_ds_moe.sh", "--deepspeed_config", config, *SYNTHETIC, "--synthetic-train-size", "4800",
