@@ -773,20 +773,41 @@ def run_description(args, model_engine):
             "world_size": dist.get_world_size(), "dtype": dtype, "zero_stage": model_engine.zero_optimization_stage()}
 
 
+MODEL_FLAGS = ("moe", "num_experts", "mlp_type", "top_k", "min_capacity", "noisy_gate_policy", "capacity_factor",
+               "eval_capacity_factor", "drop_tokens")
+
+
+def model_flags(args):
+    """The flags that build the Net, as `add_argument` names them: what an exported model is rebuilt from."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS}
+
+
+def model_argv(flags):
+    """Command-line flags that rebuild a Net from model_flags(args), at expert-parallel size 1."""
+    argv = ["--moe"] if flags["moe"] else []
+    for name, value in flags.items():
+        if name in ("moe", "drop_tokens"):
+            continue
+        option = "--" + name.replace("_", "-")
+        argv += [option, *map(str, value)] if isinstance(value, list) else [option, str(value)]
+    return argv + ([] if flags["drop_tokens"] else ["--no-drop-tokens"])
+
+
 def save_checkpoint(model_engine, args, epoch):
     """Save the finished epoch with DeepSpeed's save_checkpoint under the tag epoch<N>.
 
     run.json is written first and DeepSpeed's 'latest' file last, so 'latest'
     always names a complete checkpoint that says which run saved it; for MoE it
     also names the MoE layers' module, which earlier versions of this script
-    called moe_layers. The client state holds the epoch and every rank's
+    called moe_layers, and the flags that build the Net (for export_model.py). The client state holds the epoch and every rank's
     random-number state.
     """
     tag = f"epoch{epoch + 1}"
     if dist.get_rank() == 0:
         os.makedirs(os.path.join(args.save_dir, tag), exist_ok=True)
         with open(os.path.join(args.save_dir, tag, "run.json"), "w") as f:
-            json.dump({**run_description(args, model_engine), "moe_module": "moe_layer_list" if args.moe else None}, f)
+            json.dump({**run_description(args, model_engine), "moe_module": "moe_layer_list" if args.moe else None,
+                       "model": model_flags(args)}, f)
     client_state = {"epoch": epoch + 1, "rng_states": gather_rng_states()}
     model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state)
 

@@ -9,7 +9,9 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+import export_model
 from conftest import MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, metric, run_command, start
 
 pytestmark = pytest.mark.slow
@@ -137,6 +139,34 @@ def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_pat
         assert "at epoch 2" in resumed.output
         assert ("ZeRO-Offload: the optimizer's state and step on the cpu" in resumed.output) == offloaded
         assert epoch_2_and_test(resumed) == epoch_2_and_test(full), f"resumed {name}"
+
+
+def test_a_fp16_checkpoint_exports_its_fp32_masters_with_every_expert_by_its_global_id(killed_and_resumed):
+    """fp16 without ZeRO, EP 2 on 2 ranks: each weight of the file, rounded to fp16, is the checkpoint's fp16
+    weight of the same name (the master copy the step rounds from), experts included."""
+    run = killed_and_resumed
+    exported = export_model.export(run.tmp / "full")
+    assert exported["exported_from"]["weights"] == "fp32 master weights (DeepSpeed's FP16_Optimizer's copy)"
+    model = export_model.module_weights(run.tmp / "full" / "epoch3")
+    assert sorted(model) == sorted(exported["state_dict"])
+    assert any("deepspeed_experts.1." in name for name in model)
+    for name, master in exported["state_dict"].items():
+        assert master.dtype == torch.float32
+        assert torch.equal(master.half(), model[name]), name
+    assert any(not torch.equal(master, model[name].float()) for name, master in exported["state_dict"].items())
+
+
+def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(killed_and_resumed):
+    """The model trained on 2 ranks with EP 2 in fp16, exported, evaluates in one process at EP 1 in fp32 with
+    the run's final accuracy, within what fp16's rounding moves."""
+    run = killed_and_resumed
+    torch.save(export_model.export(run.tmp / "full"), run.tmp / "model.pt")
+    predicted = run_command(["python", ROOT / "predict.py", run.tmp / "model.pt", "--test-set", "--dataset",
+                             "synthetic"], run.tmp)
+    assert predicted.returncode == 0, predicted.output[-3000:]
+    lines = [line for line in predicted.output.splitlines() if line.startswith("Accuracy of")]
+    assert len(lines) == 11 and lines[0].startswith("Accuracy of the network on the 1000 test images: ")
+    assert abs(predicted.accuracy() - run.full.accuracy()) <= 2, (predicted.accuracy(), run.full.accuracy())
 
 
 @pytest.fixture(scope="module")
