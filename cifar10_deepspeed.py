@@ -122,6 +122,9 @@ def build_parser():
     parser.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint here at the end of every epoch")
     parser.add_argument("--resume", default=False, action="store_true",
                         help="continue from the newest checkpoint in --save-dir")
+    parser.add_argument("--init-from", default=None, metavar="MODEL_OR_CHECKPOINT",
+                        help="start a new run from the weights of a model file of export_model.py, or of a checkpoint "
+                             "of any world size, EP size, ZeRO stage or dtype; the optimizer starts fresh")
     parser.add_argument("--eval-every", default=0, type=int,
                         help="evaluate every N epochs (default: 0, only at the end)")
     parser.add_argument("--metrics-dir", default=None,
@@ -322,6 +325,10 @@ def check_args(args, config, world_size):
         return "--synthetic-train-size and --synthetic-test-size must be at least 1"
     if args.resume and not args.save_dir:
         return "--resume needs --save-dir, the directory to resume from"
+    if args.resume and args.init_from:
+        return "--resume continues a run and --init-from starts a new one: give one of them"
+    if args.init_from and not os.path.exists(args.init_from):
+        return f"--init-from: no model file or checkpoint {args.init_from}"
     if args.data_workers is not None and args.data_workers < 0:
         return f"--data-workers must not be negative, got {args.data_workers}"
     if args.eval_every < 0:
@@ -840,11 +847,13 @@ def resume(model_engine, args):
         stop(f"--resume: checkpoint {path} was saved by an earlier version of this script, whose MoE layers were "
              f"named moe_layers (now moe_layer_list, as in the reference), so its weights do not load here; "
              f"start a new run with another --save-dir")
-    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in run_description(args, model_engine).items()
-               if saved.get(key) != value]
+    changed_keys = [key for key, value in run_description(args, model_engine).items() if saved.get(key) != value]
+    changed = [f"{key} {saved.get(key)} -> {run_description(args, model_engine)[key]}" for key in changed_keys]
     if changed:
         stop(f"--resume: checkpoint {path} was saved by a different run ({', '.join(changed)}); "
-             f"resume with its settings, or save to another --save-dir")
+             f"resume with its settings, or save to another --save-dir"
+             + (f"; to train on from its weights in this layout, start a new run with --init-from {path}"
+                if set(changed_keys) <= {"world_size", "ep_world_size", "zero_stage", "dtype"} else ""))
     try:
         load_path, client_state = model_engine.load_checkpoint(args.save_dir, os.path.basename(path))
     except Exception as e:  # DeepSpeed raises many kinds; any of them means this checkpoint cannot be used
@@ -1071,6 +1080,8 @@ def initialize(args, config):
     if args.seed is not None:
         torch.manual_seed(args.seed)  # every rank builds the same Net: its experts start as one process's would
     net = Net(args)
+    if args.init_from:
+        init_from(net, args)
     if args.seed is not None and dist.get_rank():
         torch.manual_seed(args.seed + dist.get_rank())  # every other rank draws gate noise of its own
     parameters = filter(lambda p: p.requires_grad, net.parameters())
@@ -1082,12 +1093,55 @@ def initialize(args, config):
         config=config)
     scale_the_fp16_loss(model_engine)
     clip_by_the_global_norm(model_engine)
+    if args.init_from and args.moe:
+        ep_rank = groups._get_expert_parallel_rank(f"ep_size_{args.ep_world_size}")
+        if ep_rank != dist.get_rank() % args.ep_world_size:  # the layout init_from gave this rank its experts by
+            stop(f"--init-from: DeepSpeed made this rank expert-parallel rank {ep_rank}, not "
+                 f"{dist.get_rank() % args.ep_world_size}: its experts would be another rank's", every_rank=True)
     if args.seed is not None:
         trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
     # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
     workers = 0 if args.data_path == "tensor" else data_loader_workers()  # gathering a batch is one indexing op
     trainloader.num_local_io_workers = workers if args.data_workers is None else args.data_workers
     return model_engine, trainloader, testset
+
+
+def init_from(net, args):
+    """Load the weights of a model file (export_model.py) or a checkpoint into `net`, this rank taking its experts
+    by global id; rank 0 says in one line what was carried. Before deepspeed.initialize, which partitions them
+    under ZeRO-3 and makes the optimizer's masters from them."""
+    import export_model  # beside this script; it imports this module, so not at the top
+    try:
+        state = torch.load(args.init_from, map_location="cpu", weights_only=True)["state_dict"]
+        source = "model file"
+    except (IsADirectoryError, PermissionError):  # a directory: a checkpoint, exported on the fly
+        state, source = export_model.export(args.init_from)["state_dict"], "checkpoint"
+    except Exception as e:  # torch.load raises many kinds; any of them means this is no model file
+        stop(f"--init-from: {args.init_from} is neither a model file of export_model.py nor a checkpoint "
+             f"({type(e).__name__})")
+    ep_rank = dist.get_rank() % args.ep_world_size if args.moe else 0  # DeepSpeed's expert groups: consecutive ranks
+    local = net.state_dict()
+    carried = {}
+    for name, value in local.items():
+        wanted = name
+        match = re.search(r"moe_layer_list\.(\d+)\..*deepspeed_experts\.(\d+)\.", name)
+        if match:
+            per_rank = args.num_experts[int(match.group(1))] // args.ep_world_size
+            wanted = name.replace(f"deepspeed_experts.{match.group(2)}.",
+                                  f"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.")
+        if wanted in state and state[wanted].shape == value.shape:
+            carried[name] = state[wanted]
+    experts = {re.search(r"moe_layer_list\.(\d+)\..*deepspeed_experts\.(\d+)\.", n).groups() for n in state
+               if "deepspeed_experts." in n}
+    missing = sorted(set(local) - set(carried))
+    if missing:
+        stop(f"--init-from: {args.init_from} does not fit this Net: no weights of the right shape for "
+             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; give the model flags it was trained with")
+    net.load_state_dict(carried, strict=True)
+    if dist.get_rank() == 0:
+        print(f"--init-from {args.init_from}: the weights of every layer carried over from the {source} "
+              f"({len(state)} tensors, {len(experts)} experts, each rank taking its own by global id); the "
+              f"optimizer and the LR schedule start fresh")
 
 
 def scale_the_fp16_loss(model_engine):

@@ -98,6 +98,8 @@ MUTANTS = [
     ("an optimizer step's loss is its last micro-batch's", "torch.stack(micro_losses).mean()", "micro_losses[-1]",
      [MODEL, "-k", "accumulation"]),
     # checkpoints and resume
+    ("--init-from gives every rank the first experts", "f\"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.\")",
+     "f\"deepspeed_experts.{int(match.group(2))}.\")", [T + "test_export_model.py", "-k", "init_from"]),
     ("a checkpoint records the epoch it finished as the one to redo", 'client_state = {"epoch": epoch + 1,',
      'client_state = {"epoch": epoch,', [RESUME, "-k", "replays"]),
     ("resume does not restore the random-number state",  # both: on a CPU the accelerator's state is torch's

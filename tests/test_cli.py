@@ -179,3 +179,9 @@ def test_node_rank_needs_the_hostfile_and_the_master_address(root, tmp_path):
 ])
 def test_a_batch_that_cannot_hold_is_refused_with_its_arithmetic(parse, argv, world_size, expected):
     assert reason(parse, *argv, world_size=world_size) == expected
+
+
+def test_init_from_mixes_are_refused(parse, tmp_path):
+    assert reason(parse, "--init-from", str(tmp_path / "none.pt")) == f"--init-from: no model file or checkpoint {tmp_path / 'none.pt'}"
+    assert reason(parse, "--init-from", str(tmp_path), "--resume", "--save-dir", str(tmp_path)) == (
+        "--resume continues a run and --init-from starts a new one: give one of them")

@@ -130,16 +130,26 @@ def script_args_and_world(command, tmp_path):
     return rest[i + 1:], world, None
 
 
-def refusal(argv, world):
-    """The line cifar10_deepspeed.py stops with for these flags on `world` ranks, or None when it runs."""
+def refusal(argv, world, tmp_path):
+    """The line cifar10_deepspeed.py stops with for these flags on `world` ranks, or None when it runs.
+
+    In a folder that holds the project's config files and, as a user's would, the model file or checkpoint
+    an --init-from names."""
+    for config in ROOT.glob("*.json"):
+        if not (tmp_path / config.name).exists():
+            (tmp_path / config.name).symlink_to(config)
+    if "--init-from" in argv:
+        target = tmp_path / argv[argv.index("--init-from") + 1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.touch()
     stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr), contextlib.chdir(ROOT):
+    with contextlib.redirect_stderr(stderr), contextlib.chdir(tmp_path):
+        try:
             args = add_argument(argv)
             config, _ = load_ds_config(args)
-    except SystemExit:
-        return stderr.getvalue().strip()
-    reason = check_args(args, config, world)
+        except SystemExit:
+            return stderr.getvalue().strip()
+        reason = check_args(args, config, world)
     return reason and f"cifar10_deepspeed.py: error: {reason}"
 
 
@@ -151,7 +161,7 @@ def test_every_command_runs_or_is_refused_as_the_page_shows(page, tmp_path):
     for command in commands:
         argv, world, refused = script_args_and_world(command, tmp_path)
         if argv is not None:
-            refused = refusal(argv, world)
+            refused = refusal(argv, world, tmp_path)
         if refused:
             assert refused in text, f"{page_id(page)}: `{shlex.join(command)}` is refused with\n{refused}"
 

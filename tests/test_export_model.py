@@ -86,3 +86,41 @@ def test_predict_refuses_what_is_not_a_model_file_in_one_line(tmp_path, capsys):
     assert exit.value.code == 1
     assert capsys.readouterr().err.startswith(f"predict.py: error: {tmp_path / 'model.pt'} is not a model file of "
                                               "export_model.py (")
+
+
+def test_init_from_gives_each_expert_parallel_rank_its_experts_by_global_id(single_rank_group, parse, tmp_path,
+                                                                            monkeypatch, capsys):
+    """A model file of EP 1 (4 experts) into a Net of EP 2: rank 1 holds experts 2 and 3 as its local 0 and 1;
+    everything else as the file has it."""
+    flags = ["--moe", "--num-experts", "4", "--noisy-gate-policy", "RSample"]
+    torch.manual_seed(0)
+    source = Net(cifar10_deepspeed.add_argument(flags))
+    with torch.no_grad():  # experts start as copies of one template: make each its own
+        for i, expert in enumerate(source.moe_layer_list[0].deepspeed_moe.experts.deepspeed_experts):
+            expert.weight.add_(i)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "model.pt")
+    monkeypatch.setattr(cifar10_deepspeed.dist, "get_rank", lambda: 1)
+    args = parse(*flags, "--ep-world-size", "2", "--init-from", str(tmp_path / "model.pt"))
+    net = Net(args)
+    cifar10_deepspeed.init_from(net, args)
+    expected = source.state_dict()
+    for name, value in net.state_dict().items():
+        name = name.replace("deepspeed_experts.1.", "deepspeed_experts.3.").replace("deepspeed_experts.0.",
+                                                                                     "deepspeed_experts.2.")
+        assert torch.equal(value, expected[name]), name
+    assert capsys.readouterr().out == ""  # rank 1 says nothing; rank 0 says what was carried
+
+
+def test_init_from_refuses_weights_of_another_net_in_one_line(single_rank_group, parse, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.setattr(cifar10_deepspeed, "leave", sys.exit)  # not os._exit: this is the test's own process
+    torch.save({"state_dict": Net(parse()).state_dict()}, tmp_path / "dense.pt")
+    args = parse("--moe", "--num-experts", "2", "--init-from", str(tmp_path / "dense.pt"))
+    with pytest.raises(SystemExit) as exit:
+        cifar10_deepspeed.init_from(Net(args), args)
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: --init-from: {tmp_path / 'dense.pt'} does not fit this Net: no weights of the right shape for "
+        "fc4.bias, fc4.weight, moe_layer_list.0.deepspeed_moe.experts.deepspeed_experts.0.bias, "
+        "moe_layer_list.0.deepspeed_moe.experts.deepspeed_experts.0.weight ...; give the model flags it was trained "
+        "with\n")

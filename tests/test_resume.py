@@ -111,7 +111,7 @@ MOE_EP2 = ["--moe", "--ep-world-size", "2", "--num-experts", "2", "--noisy-gate-
 
 
 @pytest.mark.parametrize("flags, resumes", [
-    (["--dtype", "fp32", "--stage", "2"], {"as saved": ([], False), "with offload": (["--offload", "cpu"], True)}),
+    (["--dtype", "fp32", "--stage", "2"], {"with offload": (["--offload", "cpu"], True)}),
     (["--dtype", "fp32", "--stage", "2", *MOE_EP2, "--moe-param-group", "--offload", "cpu"],
      {"as saved": ([], True), "without offload": (["--offload", "none"], False)}),
 ], ids=["dense-zero2", "moe-ep2-zero2-offload"])
@@ -217,12 +217,20 @@ def test_resume_from_a_partial_checkpoint_is_refused(launch, saved_dense_run, tm
         f"error: --resume: checkpoint {partial / 'epoch1'} is incomplete (no readable run.json)")
 
 
-def test_resume_on_another_world_size_is_refused(launch, saved_dense_run):
+def test_resume_on_another_world_size_is_refused_and_names_init_from_which_trains_on(launch, saved_dense_run):
     cmd, save_dir = saved_dense_run
     two_ranks = ["deepspeed", "--num_gpus", "2", *cmd[1:]]
     assert refused(launch, two_ranks, save_dir) == (
         f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run (world_size 1 -> 2); "
-        "resume with its settings, or save to another --save-dir")
+        "resume with its settings, or save to another --save-dir; to train on from its weights in this layout, "
+        f"start a new run with --init-from {save_dir / 'epoch1'}")
+    run = launch(*cmd, "--init-from", save_dir / "epoch1", "--dtype", "bf16", "--stage", "2")  # another layout
+    assert run.returncode == 0, run.output[-3000:]
+    assert (f"--init-from {save_dir / 'epoch1'}: the weights of every layer carried over from the checkpoint "
+            "(10 tensors, 0 experts, each rank taking its own by global id); the optimizer and the LR schedule "
+            "start fresh") in run.output
+    assert sum(line.startswith("--init-from ") for line in run.output.splitlines()) == 1  # rank 0's line only
+    assert "Accuracy of the network on the 40 test images:" in run.output
 
 
 def without_moe_module(save_dir, copy):
