@@ -3,8 +3,8 @@
 A layout is a world size (2 or 4), an expert-parallel size (1, 2 or 4 where it divides the
 experts and the world), a ZeRO stage (0-3 dense, 0-2 MoE), ZeRO-Offload or not, a model (dense,
 top-1 with RSample, top-2, PR-MoE) and a dtype. tests/train_layouts.py trains each for STEPS
-steps from the same initial weights on the same samples, once with gradient clipping acting at
-every step and once with it idle, and one process (world 1, EP 1, ZeRO 0) trains the same global
+steps from the same initial weights on the same samples, with gradient clipping acting at every
+step, and on 2 ranks once more with it idle (RUNS), and one process (world 1, EP 1, ZeRO 0) trains the same global
 batches as one batch. Every parameter on every rank (experts by their global index) and the
 gradient norm before clipping at every step (engine.get_global_grad_norm()) must equal that
 process's, within the dtype's precision (TOLERANCE). Tokens are never dropped and the gate noise
@@ -44,6 +44,9 @@ HALF_LAYOUTS = [f"{dtype}-{rest}" for dtype in ("bf16", "fp16") for rest in (
     "zero0-dense-w2", "zero3-dense-w2", "zero0-top2-w2-ep2", "zero0-rsample-w4-ep4", "zero1-prmoe-w2-ep2",
     "zero2-rsample-w4-ep2", "zero2-prmoe-w2-ep2-offload", "zero2-dense-w4-offload")]
 LAYOUTS = fp32_layouts() + HALF_LAYOUTS
+# Clipping acting on every layout; idle on 2 ranks, where the norm and reduction code is the code 4 ranks run.
+RUNS = [(layout, "acting") for layout in LAYOUTS] + [(layout, "idle") for layout in LAYOUTS
+                                                    if parse_cell(layout)[3] == 2]
 MOVED = 1e-4  # every parameter of one process moves at least this far, or the comparison would prove little
 FP32 = 1e-5  # fp32: every parameter (absolute) and every step's norm (relative); summation order alone gives 3e-7
 # bf16 and fp16 round every gradient and model weight to 8 and 11 significant bits, and a reduction over 2 or 4
@@ -61,10 +64,12 @@ EARLY_NORM = {"bf16": 2 ** -8, "fp16": 2 ** -10}
 NORM = 5e-2
 
 
-def train(tmp, layouts, world, *flags):
+def train(tmp, runs, world, *flags):
+    """Train `runs` ((layout, clipping) pairs) in one launch of `world` ranks; return the report."""
     report = tmp / f"layouts-w{world}.json"
     run = run_command(["deepspeed", "--master_port", free_port(), "--num_gpus", world, ROOT / "tests" / "train_layouts.py", "--report", report,
-                       "--steps", STEPS, *flags, *layouts], tmp, env={"DS_ACCELERATOR": "cpu"})
+                       "--steps", STEPS, *flags, *(f"{layout}/{clipping}" for layout, clipping in runs)], tmp,
+                      env={"DS_ACCELERATOR": "cpu"})
     assert run.returncode == 0, run.output[-3000:]
     return json.loads(report.read_text())
 
@@ -73,16 +78,16 @@ def train(tmp, layouts, world, *flags):
 def trained(request, tmp_path_factory, op_cache):
     """The selected layouts and their one-process truths, trained in one launch per world size."""
     tmp = tmp_path_factory.mktemp("layouts")
-    selected = [item.callspec.params["layout"] for item in request.session.items
-                if item.module.__name__ == __name__ and "layout" in getattr(item, "callspec", {}).params]
-    selected = [layout for layout in LAYOUTS if layout in selected]
+    selected = {(item.callspec.params["layout"], item.callspec.params["clipping"]) for item in request.session.items
+                if item.module.__name__ == __name__ and "layout" in getattr(item, "callspec", {}).params}
+    selected = [run for run in RUNS if run in selected]
     truths = tmp / "truths"
     truths.mkdir()
-    report = train(tmp, sorted({truth_of(layout) for layout in selected}), 1, "--save", truths)
+    report = train(tmp, sorted({(truth_of(layout), clipping) for layout, clipping in selected}), 1, "--save", truths)
     for world in (2, 4):
-        layouts = [layout for layout in selected if parse_cell(layout)[3] == world]
-        if layouts:
-            report.update(train(tmp, layouts, world, "--truth", truths))
+        runs = [run for run in selected if parse_cell(run[0])[3] == world]
+        if runs:
+            report.update(train(tmp, runs, world, "--truth", truths))
     return report
 
 
@@ -95,8 +100,7 @@ def norm_errors(norms, truth):
     return [abs(norm - true) / true for norm, true in zip(norms, truth)]
 
 
-@pytest.mark.parametrize("clipping", list(CLIPPING))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout, clipping", RUNS, ids=[f"{layout}-{clipping}" for layout, clipping in RUNS])
 def test_layout_trains_what_one_process_trains(trained, layout, clipping):
     """Parameters after STEPS steps and the gradient norm at every step equal one process's.
 

@@ -2,11 +2,11 @@
 
 tests/test_layouts.py launches it once per world size with DeepSpeed's launcher:
 
-    deepspeed --num_gpus 2 tests/train_layouts.py --report report.json fp32-zero0-top2-w2-ep2 ...
+    deepspeed --num_gpus 2 tests/train_layouts.py --report report.json fp32-zero0-top2-w2-ep2/acting ...
 
 A layout is a dtype, a ZeRO stage, a model, a world size, an expert-parallel size and offload or
-not (the matrix's cell names, tests/train_cells.py). Every layout is trained twice, once with
-gradient clipping acting at every step and once with it idle, each for --steps steps through the
+not (the matrix's cell names, tests/train_cells.py). Each run names a layout and a clipping mode:
+gradient clipping acting at every step, or idle. It trains for --steps steps through the
 script's own get_ds_config, Net, deepspeed.initialize (as `initialize` calls it) and train_step.
 
 What makes the layouts comparable with one process (world 1, EP 1) training the same samples:
@@ -166,7 +166,7 @@ def compared(record, truth):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("layouts", nargs="+")
+    parser.add_argument("runs", nargs="+", metavar="LAYOUT/CLIPPING", help=f"a layout and a clipping mode ({', '.join(CLIPPING)})")
     parser.add_argument("--report", required=True)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--save", help="save every record here (the one-process truths)")
@@ -176,22 +176,21 @@ def main():
 
     cifar10_deepspeed.start_distributed()
     report = {}
-    for layout in options.layouts:
-        for clipping in CLIPPING:
-            key = f"{layout}/{clipping}"
-            try:
-                record = train_layout(layout, clipping, options.steps)
-                if options.save and dist.get_rank() == 0:
-                    torch.save(record, os.path.join(options.save, f"{layout}-{clipping}.pt"))
-                truth = (torch.load(os.path.join(options.truth, f"{truth_of(layout)}-{clipping}.pt"))
-                         if options.truth else None)
-                outcome = compared(record, truth), None
-            except Exception:
-                outcome = {}, traceback.format_exc(limit=-3)
-            records, error = gathered(outcome)
-            if dist.get_rank() == 0:
-                report[key] = {"error": error} if error else {"ranks": records}
-                print(f"layout {layout}, clipping {clipping}: {'error' if error else 'done'}", flush=True)
+    for key in options.runs:
+        layout, clipping = key.split("/")
+        try:
+            record = train_layout(layout, clipping, options.steps)
+            if options.save and dist.get_rank() == 0:
+                torch.save(record, os.path.join(options.save, f"{layout}-{clipping}.pt"))
+            truth = (torch.load(os.path.join(options.truth, f"{truth_of(layout)}-{clipping}.pt"))
+                     if options.truth else None)
+            outcome = compared(record, truth), None
+        except Exception:
+            outcome = {}, traceback.format_exc(limit=-3)
+        records, error = gathered(outcome)
+        if dist.get_rank() == 0:
+            report[key] = {"error": error} if error else {"ranks": records}
+            print(f"layout {layout}, clipping {clipping}: {'error' if error else 'done'}", flush=True)
     if dist.get_rank() == 0:
         with open(options.report, "w") as f:
             json.dump(report, f)
