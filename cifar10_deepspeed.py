@@ -806,8 +806,8 @@ def save_checkpoint(model_engine, args, epoch):
     run.json is written first and DeepSpeed's 'latest' file last, so 'latest'
     always names a complete checkpoint that says which run saved it; for MoE it
     also names the MoE layers' module, which earlier versions of this script
-    called moe_layers, and the flags that build the Net (for export_model.py). The client state holds the epoch and every rank's
-    random-number state.
+    called moe_layers, and the flags that build the Net (for export_model.py).
+    The client state holds the epoch and every rank's random-number state.
     """
     tag = f"epoch{epoch + 1}"
     if dist.get_rank() == 0:
@@ -847,8 +847,9 @@ def resume(model_engine, args):
         stop(f"--resume: checkpoint {path} was saved by an earlier version of this script, whose MoE layers were "
              f"named moe_layers (now moe_layer_list, as in the reference), so its weights do not load here; "
              f"start a new run with another --save-dir")
-    changed_keys = [key for key, value in run_description(args, model_engine).items() if saved.get(key) != value]
-    changed = [f"{key} {saved.get(key)} -> {run_description(args, model_engine)[key]}" for key in changed_keys]
+    described = run_description(args, model_engine)
+    changed_keys = [key for key, value in described.items() if saved.get(key) != value]
+    changed = [f"{key} {saved.get(key)} -> {described[key]}" for key in changed_keys]
     if changed:
         stop(f"--resume: checkpoint {path} was saved by a different run ({', '.join(changed)}); "
              f"resume with its settings, or save to another --save-dir"
@@ -1095,7 +1096,7 @@ def initialize(args, config):
     clip_by_the_global_norm(model_engine)
     if args.init_from and args.moe:
         ep_rank = groups._get_expert_parallel_rank(f"ep_size_{args.ep_world_size}")
-        if ep_rank != dist.get_rank() % args.ep_world_size:  # the layout init_from gave this rank its experts by
+        if ep_rank != dist.get_rank() % args.ep_world_size:  # init_from chose this rank's experts by that layout
             stop(f"--init-from: DeepSpeed made this rank expert-parallel rank {ep_rank}, not "
                  f"{dist.get_rank() % args.ep_world_size}: its experts would be another rank's", every_rank=True)
     if args.seed is not None:
@@ -1106,33 +1107,42 @@ def initialize(args, config):
     return model_engine, trainloader, testset
 
 
+EXPERT_PARAMETER = re.compile(r"moe_layer_list\.(\d+)\..*deepspeed_experts\.(\d+)\.")  # its layer, its index
+
+
+def global_expert_name(name, ep_rank, ep_size, num_experts):
+    """A parameter's name with its expert's local index made global: expert-parallel rank r of ep_size holds
+    the experts r * per_rank + j as its j-th, per_rank = the layer's experts / ep_size. Other names are kept."""
+    match = EXPERT_PARAMETER.search(name)
+    if not match:
+        return name
+    per_rank = num_experts[int(match.group(1))] // ep_size
+    return name.replace(f"deepspeed_experts.{match.group(2)}.",
+                        f"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.")
+
+
 def init_from(net, args):
     """Load the weights of a model file (export_model.py) or a checkpoint into `net`, this rank taking its experts
     by global id; rank 0 says in one line what was carried. Before deepspeed.initialize, which partitions them
     under ZeRO-3 and makes the optimizer's masters from them."""
     import export_model  # beside this script; it imports this module, so not at the top
-    try:
-        state = torch.load(args.init_from, map_location="cpu", weights_only=True)["state_dict"]
-        source = "model file"
-    except (IsADirectoryError, PermissionError):  # a directory: a checkpoint, exported on the fly
+    if os.path.isdir(args.init_from):  # a checkpoint, exported on the fly
         state, source = export_model.export(args.init_from)["state_dict"], "checkpoint"
-    except Exception as e:  # torch.load raises many kinds; any of them means this is no model file
-        stop(f"--init-from: {args.init_from} is neither a model file of export_model.py nor a checkpoint "
-             f"({type(e).__name__})")
+    else:
+        try:
+            state = torch.load(args.init_from, map_location="cpu", weights_only=True)["state_dict"]
+            source = "model file"
+        except Exception as e:  # torch.load raises many kinds; any of them means this is no model file
+            stop(f"--init-from: {args.init_from} is neither a model file of export_model.py nor a checkpoint "
+                 f"({type(e).__name__})")
     ep_rank = dist.get_rank() % args.ep_world_size if args.moe else 0  # DeepSpeed's expert groups: consecutive ranks
     local = net.state_dict()
     carried = {}
     for name, value in local.items():
-        wanted = name
-        match = re.search(r"moe_layer_list\.(\d+)\..*deepspeed_experts\.(\d+)\.", name)
-        if match:
-            per_rank = args.num_experts[int(match.group(1))] // args.ep_world_size
-            wanted = name.replace(f"deepspeed_experts.{match.group(2)}.",
-                                  f"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.")
+        wanted = global_expert_name(name, ep_rank, args.ep_world_size, args.num_experts)
         if wanted in state and state[wanted].shape == value.shape:
             carried[name] = state[wanted]
-    experts = {re.search(r"moe_layer_list\.(\d+)\..*deepspeed_experts\.(\d+)\.", n).groups() for n in state
-               if "deepspeed_experts." in n}
+    experts = {match.groups() for match in map(EXPERT_PARAMETER.search, state) if match}
     missing = sorted(set(local) - set(carried))
     if missing:
         stop(f"--init-from: {args.init_from} does not fit this Net: no weights of the right shape for "

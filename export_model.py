@@ -12,14 +12,13 @@ import argparse
 import glob
 import json
 import os
-import re
 import sys
 
 import torch
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from cifar10_deepspeed import Net, add_argument, model_argv
+from cifar10_deepspeed import EXPERT_PARAMETER, Net, add_argument, global_expert_name, model_argv
 
 FORMAT = 1
 
@@ -110,13 +109,7 @@ def fp16_masters(folder, run):
             for name, p in params:
                 value = values[offset:offset + p.numel()].view(p.shape)
                 offset += p.numel()
-                local = re.search(r"deepspeed_experts\.(\d+)\.", name)
-                if local:  # the rank's j-th expert is expert rank * (experts per rank) + j
-                    layer = int(re.search(r"moe_layer_list\.(\d+)\.", name).group(1))
-                    per_rank = run["model"]["num_experts"][layer] // ep
-                    name = name.replace(f"deepspeed_experts.{local.group(1)}.",
-                                        f"deepspeed_experts.{rank * per_rank + int(local.group(1))}.")
-                masters[name] = value
+                masters[global_expert_name(name, rank, ep, run["model"]["num_experts"])] = value
     return masters
 
 
@@ -132,7 +125,7 @@ def export(path):
     if missing or unexpected:
         fail(f"{folder} does not hold this Net's weights: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
     net.load_state_dict(state, strict=True)  # the shapes too
-    experts = sum(1 for name in state if re.search(r"deepspeed_experts\.\d+\.weight$", name))
+    experts = len({match.groups() for match in map(EXPERT_PARAMETER.search, state) if match})
     return {"format": FORMAT, "state_dict": net.state_dict(), "model": run["model"],
             "exported_from": {"checkpoint": os.path.abspath(folder), "weights": source, "experts": experts,
                               **{key: run[key] for key in ("world_size", "ep_world_size", "dtype", "zero_stage")}}}
