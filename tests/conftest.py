@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ LAUNCH_TIMEOUT = 600
 # of an AMD EPYC; the suite prints every run's at its end) less MARGIN points: another CPU rounds in other orders
 # (its kernels, gloo's sums), which moves a seeded run by a few points.
 MARGIN = 8
-LAUNCHED = []  # (process group, command) of every command the tests started
+LAUNCHED = []  # (session, command) of every command the tests started
 IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no token, listed after the run
 REACHED = []  # (test, accuracy, least accuracy asked) of every launch that Run.assert_trained checked
 
@@ -114,24 +115,35 @@ def start(cmd, cwd, env=None, **popen_args):
     return proc
 
 
-def live_processes(group):
-    """The processes of a process group that are still running (zombies, already dead, are left out)."""
+def live_processes(session):
+    """The processes of a session that are still running (zombies, already dead, are left out).
+
+    A session, not a process group: ninja starts each compiler in a group of its own.
+    """
     alive = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # ended while we looked
-        if int(fields[2]) == group and fields[0] != "Z":
+        if int(fields[3]) == session and fields[0] != "Z":
             alive.append(int(stat.parent.name))
     return alive
 
 
-def kill_group(group):
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def kill_session(session, wait=10):
+    """SIGKILL every process of a session that start() began (its leader's pid is the session's id).
+
+    Again until none is left (a dying ninja may still fork a compiler), for at most `wait` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while (alive := live_processes(session)) and time.monotonic() < deadline:
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # ended while we looked
+        time.sleep(0.05)
 
 
 def finish(proc, timeout=LAUNCH_TIMEOUT):
@@ -143,8 +155,11 @@ def finish(proc, timeout=LAUNCH_TIMEOUT):
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_group(proc.pid)
-        output = "".join(part or "" for part in proc.communicate())
+        kill_session(proc.pid)
+        try:
+            output = "".join(part or "" for part in proc.communicate(timeout=30))
+        except subprocess.TimeoutExpired:  # a process outside its session holds the pipe: do not wait on it
+            output = "(its output could not be read: a process outside its session holds the pipe)"
         pytest.fail(f"launch timed out after {timeout} s and was killed with its ranks: {' '.join(proc.args)}\n"
                     f"its last output:\n{output[-3000:]}", pytrace=False)
 
@@ -160,14 +175,15 @@ def run_command(cmd, cwd, env=None, timeout=LAUNCH_TIMEOUT):
 def no_rank_outlives_the_suite():
     """Fail the session if any process a test launched is still running at its end (and kill it)."""
     yield
-    survivors = [f"{command} (processes {processes})" for group, command in LAUNCHED
-                 if (processes := live_processes(group))]
-    for group, _ in LAUNCHED:
-        kill_group(group)
+    survivors = [f"{command} (processes {processes})" for session, command in LAUNCHED
+                 if (processes := live_processes(session))]
+    for session, _ in LAUNCHED:
+        kill_session(session)
     assert not survivors, "launched processes outlived the suite:\n" + "\n".join(survivors)
 
 
 OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")  # ZeRO-Offload's Adam, ZeRO 0's, shm comm
+OP_BUILD_TIMEOUT = 900  # a cold build takes 2-3 minutes on 2 cores
 
 
 @pytest.fixture(scope="session")
@@ -176,13 +192,28 @@ def op_cache():
 
     On a cold cache the first launch would spend minutes compiling them; warm,
     this takes a second. Either way no test's duration depends on the cache.
-    Each is built in a process of its own, side by side, then loaded here.
+    Each is built in a process of its own, side by side, then loaded here. A build
+    that outlives OP_BUILD_TIMEOUT is stopped with SIGABRT, which makes Python's
+    faulthandler print where it waited, and the suite fails with that.
     """
     load = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder({!r}).load()"
-    builds = [subprocess.Popen([sys.executable, "-c", load.format(op)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True) for op in OPS]
+    builds = [subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", load.format(op)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True) for op in OPS]
+    LAUNCHED.extend((build.pid, f"build of DeepSpeed's {op}") for op, build in zip(OPS, builds))
+    deadline = time.monotonic() + OP_BUILD_TIMEOUT
     for op, build in zip(OPS, builds):
-        _, errors = build.communicate()
+        try:
+            _, errors = build.communicate(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            errors = None
+        if errors is None:
+            build.send_signal(signal.SIGABRT)
+            build.wait(timeout=30)
+            for other in builds:
+                kill_session(other.pid)  # and the compilers they started
+            _, errors = build.communicate(timeout=30)
+            pytest.fail(f"DeepSpeed's {op} did not build within {OP_BUILD_TIMEOUT} s; where it waited:\n"
+                        f"{errors[-3000:]}", pytrace=False)
         assert build.returncode == 0, f"DeepSpeed's {op} did not build:\n{errors[-3000:]}"
     for op in OPS:
         cifar10_deepspeed.get_accelerator().create_op_builder(op).load()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cifar_files import ARCHIVE, Server, make_archive
-from conftest import (MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, free_port, kill_group, live_processes, run_command,
+from conftest import (MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, free_port, kill_session, live_processes, run_command,
                       start)
 from test_matrix import assert_every_parameter_with_a_gradient_moves, assert_ranks_agree_and_hold_their_experts
 
@@ -151,7 +151,7 @@ def test_a_node_that_cannot_get_its_data_stops_every_rank_on_both(tmp_path, cifa
 
 
 def rank_pids(launch):
-    """The ranks a launch spawned: the processes of its group that run the script with a --local_rank."""
+    """The ranks a launch spawned: the processes of its session that run the script with a --local_rank."""
     pids = []
     for pid in live_processes(launch.pid):
         try:
@@ -183,7 +183,7 @@ def stop_node_1_mid_epoch(tmp_path, how, *args):
     os.kill(ranks[0], how)
     outputs = ["".join(first_lines) + finish(launches[0], timeout=120)[0]]
     if how == signal.SIGSTOP:
-        kill_group(launches[1].pid)  # the stuck rank never ends by itself
+        kill_session(launches[1].pid)  # the stuck rank never ends by itself
     outputs.append(finish(launches[1], timeout=120)[0])
     seconds = time.monotonic() - signalled
     return [Run(completed(launch, output)) for launch, output in zip(launches, outputs)], seconds

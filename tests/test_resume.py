@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import export_model
-from conftest import MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, kill_group, metric, run_command, start
+from conftest import MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, kill_session, metric, run_command, start
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def kill_rank_1_at(cmd, cwd, marker):
     A launch that has not printed `marker` within LAUNCH_TIMEOUT seconds is killed with its ranks.
     """
     launcher = start(cmd, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_group, [launcher.pid])
+    watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_session, [launcher.pid])
     watchdog.start()
     output, rank_1 = [], None
     for line in launcher.stdout:
