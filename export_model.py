@@ -67,21 +67,50 @@ def module_weights(folder):
 def weights(save_dir, tag, run):
     """fp32 weights, and which copy of the checkpoint they come from."""
     folder = os.path.join(save_dir, tag)
-    if run["zero_stage"] == 3 or (run["zero_stage"] > 0 and run["dtype"] != "fp32" and not run["moe"]):
-        # ZeRO-3's model files hold no weights, and ZeRO's fp32 masters are partitioned over the ranks:
-        # DeepSpeed's zero_to_fp32 joins them (it does not read MoE checkpoints, which ZeRO-3 refuses anyway).
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
-        except Exception as e:  # DeepSpeed raises many kinds; any of them means the files are not all there
-            fail(f"cannot join the fp32 master weights of {folder} with DeepSpeed's zero_to_fp32: "
-                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'}")
-        return state, "fp32 master weights (ZeRO partitions joined by DeepSpeed's zero_to_fp32)"
-    state = module_weights(folder)
-    if run["dtype"] == "fp32":
-        return state, "fp32 weights, the run's master weights"
-    if run["dtype"] == "fp16" and run["zero_stage"] == 0:
+    if run["dtype"] == "fp32" and run["zero_stage"] < 3:
+        return module_weights(folder), "fp32 weights, the run's master weights"
+    if run["zero_stage"] == 0:  # fp16 or bf16: DeepSpeed wraps the optimizer in FP16_Optimizer for both
         return fp16_masters(folder, run), "fp32 master weights (DeepSpeed's FP16_Optimizer's copy)"
-    return state, f"{run['dtype']} model weights, cast to fp32 (the checkpoint's fp32 master copy is not read here)"
+    if run["moe"]:  # ZeRO 1 or 2 in fp16 or bf16: zero_to_fp32 does not read MoE (deepspeedai/DeepSpeed#1876)
+        return partitioned_masters(folder, run), "fp32 master weights (each rank's partition, joined here)"
+    # ZeRO-3's model files hold no weights, and ZeRO's fp32 masters are partitioned over the ranks:
+    # DeepSpeed's zero_to_fp32 joins them.
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
+    except Exception as e:  # DeepSpeed raises many kinds; any of them means the files are not all there
+        fail(f"cannot join the fp32 master weights of {folder} with DeepSpeed's zero_to_fp32: "
+             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'}")
+    return state, "fp32 master weights (ZeRO partitions joined by DeepSpeed's zero_to_fp32)"
+
+
+def partitioned_masters(folder, run):
+    """ZeRO 1 and 2 (and DeepSpeed's BF16_Optimizer, which it takes for bf16 ZeRO 1 with fp32 gradient
+    accumulation, in bf16_-prefixed files): each rank's file holds its partition of every parameter group's flat
+    fp32 copy and where each parameter's piece lies in it (param_slice_mappings). A parameter's pieces in partition
+    order make it whole. The non-expert groups are partitioned over all ranks; an expert group over the ranks of
+    one expert-parallel rank (rank % EP), in rank order, which is the order of the ranks' own files."""
+    ep = run["ep_world_size"] or 1
+    prefix = "bf16_" if os.path.isfile(os.path.join(folder, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")) else ""
+    pieces = {}
+    for rank in range(run["world_size"]):
+        path = os.path.join(folder, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            groups = zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"], strict=True)
+            for flat, mapping in groups:
+                for name, address in mapping.items():
+                    name = global_expert_name(name, rank % ep, ep, run["model"]["num_experts"])
+                    pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as e:
+            fail(f"cannot read the fp32 master weights in {path}: {type(e).__name__}: {e}")
+    shapes = {name: p.shape for name, p in Net(add_argument(model_argv(run["model"]))).named_parameters()}
+    masters = {}
+    for name, parts in pieces.items():
+        whole = torch.cat(parts)
+        if name not in shapes or whole.numel() != shapes[name].numel():
+            fail(f"the fp32 master weights in {folder} do not match this Net's parameters ({name})")
+        masters[name] = whole.view(shapes[name])
+    return masters
 
 
 def fp16_masters(folder, run):
@@ -113,13 +142,27 @@ def fp16_masters(folder, run):
     return masters
 
 
+def with_shared_names(net, state):
+    """`state` with every name of a shared parameter: PR-MoE's residual MLP is the Net's fc3 in every MoE layer
+    (as in the reference), one parameter under several names, which the optimizer's copies list once."""
+    names = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for shared in names.values():
+        held = [name for name in shared if name in state]
+        for name in shared:
+            if held and name not in state:
+                state[name] = state[held[0]]
+    return state
+
+
 def export(path):
     save_dir, tag = find_checkpoint(path)
     folder = os.path.join(save_dir, tag)
     run = read_run(folder)
     state, source = weights(save_dir, tag, run)
     net = Net(add_argument(model_argv(run["model"])))
-    state = {name: value.float().clone() for name, value in state.items()}
+    state = with_shared_names(net, {name: value.float().clone() for name, value in state.items()})
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

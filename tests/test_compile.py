@@ -17,10 +17,12 @@ def step_losses(metrics_dir):
     return list(metric(metrics_dir, "Train_Samples_train_loss").values())
 
 
-@pytest.mark.parametrize("model", [[], MOE], ids=["dense", "moe-top1-rsample"])
-def test_compiled_training_follows_the_eager_loss_trace(launch, script, tmp_path, model):
-    """One fp32 rank, the same seed, 25 steps: every step's loss within a relative 1e-4 of eager training's."""
-    cmd = ["python", script, *FLAGS, "--dtype", "fp32", *model]
+@pytest.mark.parametrize("model, dtype", [([], "fp32"), (MOE, "bf16")], ids=["dense-fp32", "moe-top1-rsample-bf16"])
+def test_compiled_training_follows_the_eager_loss_trace(launch, script, tmp_path, model, dtype):
+    """One rank, the same seed, 25 steps: every step's loss within a relative 1e-4 of eager training's; fp32 for the
+    dense Net, half precision for MoE (fp16, which a CPU emulates, compiles through the same path at several times
+    the cost)."""
+    cmd = ["python", script, *FLAGS, "--dtype", dtype, *model]
     eager = launch(*cmd, "--metrics-dir", tmp_path / "eager")
     compiled = launch(*cmd, "--compile", "--metrics-dir", tmp_path / "compiled",
                       env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
@@ -37,15 +39,6 @@ def test_compiled_training_follows_the_eager_loss_trace(launch, script, tmp_path
     eager_losses, compiled_losses = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
     assert len(eager_losses) == STEPS and len(set(eager_losses)) > 1
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
-
-
-def test_compiled_training_runs_in_bf16(launch, script, tmp_path):
-    """Compiled half precision; fp16, which a CPU emulates, compiles through the same path at several times the cost."""
-    run = launch("python", script, *FLAGS, "--dtype", "bf16", *MOE, "--compile",
-                 env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
-    assert run.returncode == 0, run.output[-3000:]
-    assert COMPILED in run.output
-    assert len(run.losses()) == STEPS // 5 and "Finished Training" in run.output
 
 
 def test_without_a_compiler_it_says_so_and_trains_eagerly(launch, script, machine):

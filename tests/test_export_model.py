@@ -12,6 +12,7 @@ import cifar10_deepspeed
 import export_model
 import predict
 from cifar10_deepspeed import CLASSES, Net
+from train_cells import parameter_snapshot
 
 SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size", "8",
              "--seed", "0", "--log-interval", "100", "-e", "1"]
@@ -53,6 +54,44 @@ def test_the_file_loads_without_deepspeed_into_the_references_names(single_rank_
     assert exported["exported_from"]["dtype"] == "fp16" and exported["exported_from"]["checkpoint"].endswith("epoch1")
     net = Net(cifar10_deepspeed.add_argument(cifar10_deepspeed.model_argv(exported["model"])))
     net.load_state_dict(exported["state_dict"], strict=True)
+
+
+# No dropped tokens: where an expert's capacity drops some, DeepSpeed's gate picks them at random, in eval too.
+MOE = ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample", "--top-k", "1", "--no-drop-tokens"]
+TOLERANCE = {"fp32": 1e-5, "bf16": 2 ** -7, "fp16": 2 ** -9}  # of the logits, relative to the largest
+
+
+@pytest.mark.parametrize("flags, source", [
+    (["--dtype", "bf16", "--stage", "0"], "FP16_Optimizer"),
+    (["--dtype", "bf16", "--stage", "0", *MOE], "FP16_Optimizer"),
+    (["--dtype", "fp16", "--stage", "1", *MOE], "each rank's partition"),
+    (["--dtype", "bf16", "--stage", "2", *MOE, "--offload", "cpu"], "each rank's partition"),
+    (["--dtype", "bf16", "--stage", "2"], "zero_to_fp32"),
+    (["--dtype", "fp16", "--stage", "3", "--offload", "cpu"], "zero_to_fp32"),
+    (["--dtype", "fp32", "--stage", "3"], "zero_to_fp32"),
+    (["--dtype", "fp32", "--stage", "2", *MOE], "the run's master weights"),
+], ids=["bf16-zero0", "bf16-zero0-moe", "fp16-zero1-moe", "bf16-zero2-moe-offload", "bf16-zero2", "fp16-zero3-offload",
+        "fp32-zero3", "fp32-zero2-moe"])
+def test_every_checkpoint_kind_exports_the_engines_fp32_masters(single_rank_group, parse, tmp_path, flags, source):
+    """One rank: every weight of the file is the engine's fp32 master of it (train_cells.parameter_snapshot: the
+    optimizer's copy where it keeps one), exactly; in eval mode the file's Net gives the engine's logits on the
+    same images, within the run's dtype's rounding."""
+    engine = saved(parse, tmp_path / "ckpt", *flags)
+    exported = export_model.export(tmp_path / "ckpt")
+    assert source in exported["exported_from"]["weights"]
+    masters = parameter_snapshot(engine)["master"]
+    assert exported["state_dict"].keys() == masters.keys()
+    for name, value in exported["state_dict"].items():
+        assert torch.equal(value, masters[name]), name
+    torch.save(exported, tmp_path / "model.pt")
+    net = predict.load_model(tmp_path / "model.pt", "cpu")
+    engine.eval()
+    images = torch.from_numpy(cifar10_deepspeed.SyntheticCIFAR10(32, train=False).data)
+    with torch.no_grad():
+        expected = engine(cifar10_deepspeed.to_inputs(images, "cpu", cifar10_deepspeed.input_dtype(engine))).float()
+        logits = net(cifar10_deepspeed.to_inputs(images, "cpu", None))
+    dtype = flags[flags.index("--dtype") + 1]
+    assert (logits - expected).abs().max() <= TOLERANCE[dtype] * expected.abs().max()
 
 
 def test_predict_prints_each_images_class_and_probability(single_rank_group, parse, tmp_path, capsys, monkeypatch):

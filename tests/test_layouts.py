@@ -17,6 +17,10 @@ fp32 runs every layout. bf16 and fp16 run the layouts where DeepSpeed's norm cod
 import json
 
 import pytest
+import torch
+
+import export_model
+from cifar10_deepspeed import Net, add_argument, model_argv
 
 from conftest import ROOT, free_port, run_command
 from train_cells import parse_cell
@@ -44,9 +48,10 @@ HALF_LAYOUTS = [f"{dtype}-{rest}" for dtype in ("bf16", "fp16") for rest in (
     "zero0-dense-w2", "zero3-dense-w2", "zero0-top2-w2-ep2", "zero0-rsample-w4-ep4", "zero1-prmoe-w2-ep2",
     "zero2-rsample-w4-ep2", "zero2-prmoe-w2-ep2-offload", "zero2-dense-w4-offload")]
 LAYOUTS = fp32_layouts() + HALF_LAYOUTS
-# Clipping acting on every layout; idle on 2 ranks, where the norm and reduction code is the code 4 ranks run.
+# Clipping acting on every layout; idle on the ZeRO-0 layouts of 2 ranks, where the script's own clipping and fp16
+# loss scaling (clip_by_the_global_norm, scale_the_fp16_loss) stand in for DeepSpeed's.
 RUNS = [(layout, "acting") for layout in LAYOUTS] + [(layout, "idle") for layout in LAYOUTS
-                                                    if parse_cell(layout)[3] == 2]
+                                                    if parse_cell(layout)[3] == 2 and parse_cell(layout)[1] == 0]
 MOVED = 1e-4  # every parameter of one process moves at least this far, or the comparison would prove little
 FP32 = 1e-5  # fp32: every parameter (absolute) and every step's norm (relative); summation order alone gives 3e-7
 # bf16 and fp16 round every gradient and model weight to 8 and 11 significant bits, and a reduction over 2 or 4
@@ -64,6 +69,10 @@ EARLY_NORM = {"bf16": 2 ** -8, "fp16": 2 ** -10}
 NORM = 5e-2
 
 
+# Saved after training and exported by export_model.py: every way it reads fp32 masters, on 2 and 4 ranks.
+EXPORTED = [(layout, "acting") for layout in HALF_LAYOUTS + ["fp32-zero2-prmoe-w4-ep2", "fp32-zero3-dense-w4"]]
+
+
 def train(tmp, runs, world, *flags):
     """Train `runs` ((layout, clipping) pairs) in one launch of `world` ranks; return the report."""
     report = tmp / f"layouts-w{world}.json"
@@ -75,19 +84,27 @@ def train(tmp, runs, world, *flags):
 
 
 @pytest.fixture(scope="module")
-def trained(request, tmp_path_factory, op_cache):
-    """The selected layouts and their one-process truths, trained in one launch per world size."""
-    tmp = tmp_path_factory.mktemp("layouts")
+def layouts_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def trained(request, layouts_dir, op_cache):
+    """The selected layouts and their one-process truths, trained in one launch per world size; the selected
+    EXPORTED runs saved under layouts_dir/checkpoints."""
     selected = {(item.callspec.params["layout"], item.callspec.params["clipping"]) for item in request.session.items
                 if item.module.__name__ == __name__ and "layout" in getattr(item, "callspec", {}).params}
     selected = [run for run in RUNS if run in selected]
-    truths = tmp / "truths"
+    truths = layouts_dir / "truths"
     truths.mkdir()
-    report = train(tmp, sorted({(truth_of(layout), clipping) for layout, clipping in selected}), 1, "--save", truths)
+    report = train(layouts_dir, sorted({(truth_of(layout), clipping) for layout, clipping in selected}), 1,
+                   "--save", truths)
     for world in (2, 4):
         runs = [run for run in selected if parse_cell(run[0])[3] == world]
+        saved = [arg for run in runs if run in EXPORTED for arg in ("--checkpointed", "/".join(run))]
         if runs:
-            report.update(train(tmp, runs, world, "--truth", truths))
+            report.update(train(layouts_dir, runs, world, "--truth", truths,
+                                "--checkpoints", layouts_dir / "checkpoints", *saved))
     return report
 
 
@@ -130,3 +147,21 @@ def test_layout_trains_what_one_process_trains(trained, layout, clipping):
             assert max(errors[:3]) <= EARLY_NORM[dtype] and max(errors) <= NORM, why
             assert rank["update_error"] <= UPDATE_ERROR, (
                 f"rank {number}: the update differs from one process's by {rank['update_error']:.2f} of it")
+
+
+@pytest.mark.parametrize("layout, clipping", EXPORTED, ids=[layout for layout, _ in EXPORTED])
+def test_the_checkpoint_exports_every_ranks_fp32_masters(trained, layouts_dir, layout, clipping):
+    """export_model.py on the layout's checkpoint: every weight equals the fp32 master of the rank that holds it
+    (experts by global id), exactly, and every weight of the Net is there."""
+    ranks_of(trained, f"{layout}/{clipping}")  # it trained
+    checkpoint = layouts_dir / "checkpoints" / f"{layout}-{clipping}"
+    exported = export_model.export(checkpoint)["state_dict"]
+    held = set()
+    for rank in range(parse_cell(layout)[3]):
+        masters = torch.load(checkpoint / f"masters-rank{rank}.pt")
+        held |= masters.keys()
+        for name, master in masters.items():
+            assert torch.equal(exported[name], master), f"{name} of rank {rank}"
+    model = json.loads((checkpoint / "epoch1" / "run.json").read_text())["model"]
+    net = Net(add_argument(model_argv(model)))
+    assert held == {name for name, _ in net.named_parameters()}  # PR-MoE's shared fc3 once, as the optimizer has it

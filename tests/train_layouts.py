@@ -27,7 +27,9 @@ with --truth DIR and reports, per layout and clipping mode and for every rank, t
 before clipping at every step (engine.get_global_grad_norm()), whether each step was applied, and
 each parameter's largest difference from one process's (experts by their global index; fp32 master
 copies where the optimizer keeps them). The report of a --save launch holds the one-process norms
-and how far each parameter moved from its initial value.
+and how far each parameter moved from its initial value. With --checkpoints DIR, each --checkpointed run
+is saved there as the script saves an epoch, with every rank's fp32 masters beside it, for
+test_layouts.py to export.
 """
 
 import argparse
@@ -112,9 +114,10 @@ def master_parameters(model_engine):
     return named
 
 
-def train_layout(layout, clipping, steps):
+def train_layout(layout, clipping, steps, checkpoint=None):
     """Train one layout with one clipping mode; return this rank's gradient norms, applied steps, initial and
-    final parameters."""
+    final parameters. With `checkpoint`, a directory, save there as the script saves an epoch, and this rank's
+    fp32 masters beside it (masters-rank<R>.pt), for export_model.py to be checked against."""
     dtype, stage, model, world, ep, offload = parse_cell(layout)
     args = cifar10_deepspeed.add_argument(layout_flags(layout, steps))
     config = cifar10_deepspeed.get_ds_config(args)
@@ -142,6 +145,10 @@ def train_layout(layout, clipping, steps):
         norms.append(None if norm is None else float(norm))
         applied.append(model_engine.was_step_applied())
     record = {"norms": norms, "applied": applied, "initial": initial, "final": master_parameters(model_engine)}
+    if checkpoint:
+        args.save_dir = checkpoint
+        cifar10_deepspeed.save_checkpoint(model_engine, args, epoch=0)
+        torch.save(record["final"], os.path.join(checkpoint, f"masters-rank{dist.get_rank()}.pt"))
     model_engine.destroy()
     return record
 
@@ -171,6 +178,9 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--save", help="save every record here (the one-process truths)")
     parser.add_argument("--truth", help="compare every layout with the one-process record saved here")
+    parser.add_argument("--checkpoints", help="save the --checkpointed runs here, one directory each")
+    parser.add_argument("--checkpointed", action="append", default=[], metavar="LAYOUT/CLIPPING",
+                        help="a run to save under --checkpoints (again for more)")
     parser.add_argument("--local_rank", type=int)
     options = parser.parse_args()
 
@@ -179,7 +189,9 @@ def main():
     for key in options.runs:
         layout, clipping = key.split("/")
         try:
-            record = train_layout(layout, clipping, options.steps)
+            checkpoint = (os.path.join(options.checkpoints, f"{layout}-{clipping}") if key in options.checkpointed
+                          else None)
+            record = train_layout(layout, clipping, options.steps, checkpoint)
             if options.save and dist.get_rank() == 0:
                 torch.save(record, os.path.join(options.save, f"{layout}-{clipping}.pt"))
             truth = (torch.load(os.path.join(options.truth, f"{truth_of(layout)}-{clipping}.pt"))
