@@ -143,8 +143,8 @@ def fp16_masters(folder, run):
 
 
 def with_shared_names(net, state):
-    """`state` with every name of a shared parameter: PR-MoE's residual MLP is the Net's fc3 in every MoE layer
-    (as in the reference), one parameter under several names, which the optimizer's copies list once."""
+    """`state` with every name of a shared parameter: PR-MoE's residual MLP is one module in every MoE layer (the
+    expert template, as the reference hands it to each), listed once by the optimizer's copies."""
     names = {}
     for name, p in net.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)

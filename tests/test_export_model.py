@@ -12,6 +12,7 @@ import cifar10_deepspeed
 import export_model
 import predict
 from cifar10_deepspeed import CLASSES, Net
+from test_model import ReferenceNet
 from train_cells import parameter_snapshot
 
 SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size", "8",
@@ -52,8 +53,9 @@ def test_the_file_loads_without_deepspeed_into_the_references_names(single_rank_
         assert torch.equal(value, named[name]), name
     assert exported["model"]["noisy_gate_policy"] == "RSample" and exported["model"]["capacity_factor"] == 1.5
     assert exported["exported_from"]["dtype"] == "fp16" and exported["exported_from"]["checkpoint"].endswith("epoch1")
-    net = Net(cifar10_deepspeed.add_argument(cifar10_deepspeed.model_argv(exported["model"])))
-    net.load_state_dict(exported["state_dict"], strict=True)
+    args = cifar10_deepspeed.add_argument(cifar10_deepspeed.model_argv(exported["model"]))
+    Net(args).load_state_dict(exported["state_dict"], strict=True)
+    ReferenceNet(args).load_state_dict(exported["state_dict"], strict=True)  # the reference's own Net, at EP 1
 
 
 # No dropped tokens: where an expert's capacity drops some, DeepSpeed's gate picks them at random, in eval too.

@@ -164,4 +164,4 @@ def test_the_checkpoint_exports_every_ranks_fp32_masters(trained, layouts_dir, l
             assert torch.equal(exported[name], master), f"{name} of rank {rank}"
     model = json.loads((checkpoint / "epoch1" / "run.json").read_text())["model"]
     net = Net(add_argument(model_argv(model)))
-    assert held == {name for name, _ in net.named_parameters()}  # PR-MoE's shared fc3 once, as the optimizer has it
+    assert held == {name for name, _ in net.named_parameters()}  # PR-MoE's shared residual MLP once, as the optimizer has it

@@ -11,7 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import cifar10_deepspeed
 import export_model
+import predict
 from conftest import MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, kill_session, metric, run_command, start
 
 pytestmark = pytest.mark.slow
@@ -168,6 +170,25 @@ def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(kill
     assert len(lines) == 11 and lines[0].startswith("Accuracy of the network on the 1000 test images: ")
     assert abs(predicted.accuracy() - run.full.accuracy()) <= 2, (predicted.accuracy(), run.full.accuracy())
 
+
+
+def test_init_from_the_two_rank_ep2_checkpoint_trains_on_in_one_process(killed_and_resumed, single_rank_group, parse):
+    """--init-from the killed run's checkpoint (2 ranks, EP 2, fp16) into one rank at EP 1 in fp32: the first step's
+    loss is the exported model's loss on the same batch, every expert in place; then it trains."""
+    run = killed_and_resumed
+    args = parse("--deepspeed", *SYNTHETIC, "--synthetic-train-size", "64", "--dtype", "fp32", "--moe",
+                 "--num-experts", "2", "--init-from", str(run.tmp / "full"))
+    engine, trainloader, _ = cifar10_deepspeed.initialize(args, cifar10_deepspeed.get_ds_config(args))
+    torch.save(export_model.export(run.tmp / "full"), run.tmp / "model.pt")
+    exported = predict.load_model(run.tmp / "model.pt", "cpu").train()
+    images, labels = next(iter(trainloader))
+    inputs, criterion = cifar10_deepspeed.to_inputs(images, "cpu", None), torch.nn.CrossEntropyLoss()
+    torch.manual_seed(1)  # the same random token selection in both: top-1 drops tokens past capacity at random
+    expected = criterion(exported(inputs), labels)
+    torch.manual_seed(1)
+    loss = cifar10_deepspeed.train_step(engine, criterion, images, labels, "cpu", None)
+    assert loss == expected
+    assert engine.was_step_applied()
 
 @pytest.fixture(scope="module")
 def saved_dense_run(tmp_path_factory, op_cache):
