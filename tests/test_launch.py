@@ -152,3 +152,23 @@ def test_dense_two_ranks_zero_1_evaluates_sharded_every_epoch(launch, script):
     for epoch in (1, 2):
         assert re.search(rf"^\[{epoch}\] accuracy of the network on the 203 test images: [\d.]+ %$", run.output, re.M)
     assert "Accuracy of the network on the 203 test images:" in run.output
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_lines_on_either_data_path(launch, script):
+    """With one seed, the PIL path prints the tensor path's lines, digit for digit: losses, gradient norms, expert
+    load and accuracy; another seed prints other losses."""
+    cmd = ["python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "5", "--dtype", "fp32",
+           "-e", "2", "--synthetic-train-size", "160", "--synthetic-test-size", "40", "--moe", "--num-experts", "2",
+           "--noisy-gate-policy", "RSample", "--eval-every", "1"]
+    first, again, other = launch(*cmd, "--seed", "1"), launch(*cmd, "--seed", "1", "--data-path", "pil"), launch(
+        *cmd, "--seed", "2")
+    assert len(first.losses()) == 4 and len(printed_results(first)) == 4 * 3 + 1 + 11
+    assert printed_results(first) == printed_results(again)
+    assert first.losses() != other.losses()
+
+
+def printed_results(run):
+    """Every line the script prints about training and testing, less what depends on the machine's speed."""
+    lines = [line for line in run.output.splitlines() if re.match(r"\[ *\d+, +\d+\] |Accuracy of|\[\d+\] accuracy", line)]
+    return [re.sub(r"\d+ samples/s, [\d.]+ s/epoch, |, peak \w+ memory \d+ MiB", "", line) for line in lines]
