@@ -190,6 +190,45 @@ def test_init_from_the_two_rank_ep2_checkpoint_trains_on_in_one_process(killed_a
     assert loss == expected
     assert engine.was_step_applied()
 
+
+def test_init_from_a_one_process_model_trains_on_four_ranks_with_ep_4(launch, script, tmp_path, single_rank_group):
+    """A model file of one process (4 experts, each its own) into 4 ranks at EP 4, each rank holding one expert:
+    rank 0's first loss is the file's Net's loss on rank 0's first batch (no token dropped, no gate noise), whose
+    tokens the file's gate sends to at least three of the experts, held on other ranks."""
+    flags = ["--moe", "--num-experts", "4", "--no-drop-tokens"]
+    torch.manual_seed(0)
+    source = cifar10_deepspeed.Net(cifar10_deepspeed.add_argument(flags))
+    for layer in source.moe_layer_list:
+        layer.set_deepspeed_parallelism()
+    trainset = cifar10_deepspeed.SyntheticCIFAR10(256, train=True)
+    first = list(torch.utils.data.DistributedSampler(trainset, num_replicas=4, rank=0, seed=0))[:32]
+    images, labels = torch.from_numpy(trainset.data[first]), torch.tensor([trainset.targets[i] for i in first])
+    inputs = cifar10_deepspeed.to_inputs(images, "cpu", None)  # rank 0's first micro-batch of the global 128
+    gate = source.moe_layer_list[0].deepspeed_moe.gate
+    tokens = []
+    hook = gate.register_forward_hook(lambda module, args, out: tokens.append(args[0].reshape(-1, 84)))
+    with torch.no_grad():
+        source(inputs)
+        hook.remove()
+        # The Net's features share one large component, so any gate sends every token to one expert: take it out
+        # of the gate's weights, and each expert its own (they start as copies of one template).
+        mean = tokens[0].mean(dim=0)
+        weight = torch.randn(4, 84)
+        gate.wg.weight.copy_(weight - torch.outer(weight @ mean, mean) / mean.dot(mean))
+        for i, expert in enumerate(source.moe_layer_list[0].deepspeed_moe.experts.deepspeed_experts):
+            expert.weight.mul_(1 + i)
+        routed = (tokens[0] @ gate.wg.weight.T).argmax(dim=1)
+        expected = torch.nn.CrossEntropyLoss()(source(inputs), labels)
+    assert len(set(routed.tolist())) > 2, f"rank 0's tokens reach too few experts for a wrong one to show: {routed}"
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "model.pt")
+    run = launch("deepspeed", "--num_gpus", "4", script, "--deepspeed", *SYNTHETIC, "--synthetic-train-size", "256",
+                 "--batch-size", "128", "-e", "1", "--dtype", "fp32", *flags, "--ep-world-size", "4",
+                 "--init-from", tmp_path / "model.pt", "--metrics-dir", tmp_path / "metrics")
+    assert run.returncode == 0, run.output[-3000:]
+    assert "4 experts, each rank taking its own by global id" in run.output
+    assert list(metric(tmp_path / "metrics", "Train_Samples_train_loss").values())[0] == pytest.approx(
+        expected.item(), rel=1e-6)
+
 @pytest.fixture(scope="module")
 def saved_dense_run(tmp_path_factory, op_cache):
     """A one-epoch dense run that saved its checkpoint, shared by the refusal tests."""
