@@ -64,15 +64,15 @@ def module_weights(folder):
     return state
 
 
-def weights(save_dir, tag, run):
-    """fp32 weights, and which copy of the checkpoint they come from."""
+def weights(save_dir, tag, run, net):
+    """fp32 weights, and which copy of the checkpoint they come from; `net` is the run's Net at EP 1."""
     folder = os.path.join(save_dir, tag)
     if run["dtype"] == "fp32" and run["zero_stage"] < 3:
         return module_weights(folder), "fp32 weights, the run's master weights"
     if run["zero_stage"] == 0:  # fp16 or bf16: DeepSpeed wraps the optimizer in FP16_Optimizer for both
         return fp16_masters(folder, run), "fp32 master weights (DeepSpeed's FP16_Optimizer's copy)"
     if run["moe"]:  # ZeRO 1 or 2 in fp16 or bf16: zero_to_fp32 does not read MoE (deepspeedai/DeepSpeed#1876)
-        return partitioned_masters(folder, run), "fp32 master weights (each rank's partition, joined here)"
+        return partitioned_masters(folder, run, net), "fp32 master weights (each rank's partition, joined here)"
     # ZeRO-3's model files hold no weights, and ZeRO's fp32 masters are partitioned over the ranks:
     # DeepSpeed's zero_to_fp32 joins them.
     try:
@@ -83,7 +83,7 @@ def weights(save_dir, tag, run):
     return state, "fp32 master weights (ZeRO partitions joined by DeepSpeed's zero_to_fp32)"
 
 
-def partitioned_masters(folder, run):
+def partitioned_masters(folder, run, net):
     """ZeRO 1 and 2 (and DeepSpeed's BF16_Optimizer, which it takes for bf16 ZeRO 1 with fp32 gradient
     accumulation, in bf16_-prefixed files): each rank's file holds its partition of every parameter group's flat
     fp32 copy and where each parameter's piece lies in it (param_slice_mappings). A parameter's pieces in partition
@@ -103,7 +103,7 @@ def partitioned_masters(folder, run):
                     pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
         except (OSError, KeyError, RuntimeError, TypeError, ValueError) as e:
             fail(f"cannot read the fp32 master weights in {path}: {type(e).__name__}: {e}")
-    shapes = {name: p.shape for name, p in Net(add_argument(model_argv(run["model"]))).named_parameters()}
+    shapes = {name: p.shape for name, p in net.named_parameters()}
     masters = {}
     for name, parts in pieces.items():
         whole = torch.cat(parts)
@@ -160,8 +160,8 @@ def export(path):
     save_dir, tag = find_checkpoint(path)
     folder = os.path.join(save_dir, tag)
     run = read_run(folder)
-    state, source = weights(save_dir, tag, run)
     net = Net(add_argument(model_argv(run["model"])))
+    state, source = weights(save_dir, tag, run, net)
     state = with_shared_names(net, {name: value.float().clone() for name, value in state.items()})
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

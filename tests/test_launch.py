@@ -154,6 +154,12 @@ def test_dense_two_ranks_zero_1_evaluates_sharded_every_epoch(launch, script):
     assert "Accuracy of the network on the 203 test images:" in run.output
 
 
+def printed_results(run):
+    """Every line the script prints about training and testing, less what depends on the machine's speed."""
+    lines = [line for line in run.output.splitlines() if re.match(r"\[ *\d+, +\d+\] |Accuracy of|\[\d+\] accuracy", line)]
+    return [re.sub(r"\d+ samples/s, [\d.]+ s/epoch, |, peak \w+ memory \d+ MiB", "", line) for line in lines]
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_lines_on_either_data_path(launch, script):
     """With one seed, the PIL path prints the tensor path's lines, digit for digit: losses, gradient norms, expert
@@ -166,9 +172,3 @@ def test_same_seed_gives_the_same_lines_on_either_data_path(launch, script):
     assert len(first.losses()) == 4 and len(printed_results(first)) == 4 * 3 + 1 + 11
     assert printed_results(first) == printed_results(again)
     assert first.losses() != other.losses()
-
-
-def printed_results(run):
-    """Every line the script prints about training and testing, less what depends on the machine's speed."""
-    lines = [line for line in run.output.splitlines() if re.match(r"\[ *\d+, +\d+\] |Accuracy of|\[\d+\] accuracy", line)]
-    return [re.sub(r"\d+ samples/s, [\d.]+ s/epoch, |, peak \w+ memory \d+ MiB", "", line) for line in lines]

@@ -171,7 +171,6 @@ def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(kill
     assert abs(predicted.accuracy() - run.full.accuracy()) <= 2, (predicted.accuracy(), run.full.accuracy())
 
 
-
 def test_init_from_the_two_rank_ep2_checkpoint_trains_on_in_one_process(killed_and_resumed, single_rank_group, parse):
     """--init-from the killed run's checkpoint (2 ranks, EP 2, fp16) into one rank at EP 1 in fp32: the first step's
     loss is the exported model's loss on the same batch, every expert in place; then it trains."""
@@ -228,6 +227,7 @@ def test_init_from_a_one_process_model_trains_on_four_ranks_with_ep_4(launch, sc
     assert "4 experts, each rank taking its own by global id" in run.output
     assert list(metric(tmp_path / "metrics", "Train_Samples_train_loss").values())[0] == pytest.approx(
         expected.item(), rel=1e-6)
+
 
 @pytest.fixture(scope="module")
 def saved_dense_run(tmp_path_factory, op_cache):
