@@ -1069,6 +1069,21 @@ def start_distributed(timeout_minutes=None):
         torch.distributed.distributed_c10d.default_pg_timeout = timeout
         deepspeed.init_distributed(timeout=timeout)
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    release_shared_memory()
+
+
+def release_shared_memory():
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer, once every rank has mapped every buffer.
+
+    On one node under DeepSpeed's launcher (LOCAL_SIZE = WORLD_SIZE), DeepSpeed's CPU comm op creates a
+    66 MB /dev/shm segment per rank, named by MASTER_PORT, and never unlinks it: every launch left them in
+    the host's memory until reboot, and they filled it. The mappings stay valid until the rank exits.
+    """
+    dist.barrier()  # every rank's shm_initialize has opened the others' segments
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def initialize(args, config):

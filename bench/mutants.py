@@ -119,6 +119,8 @@ MUTANTS = [
      [T + "test_compile.py", "-k", "follows_the_eager and dense"]),
     # stop and leave
     ("an error every rank meets exits 0", "    leave(1)\n", "    leave(0)\n", [LAUNCH, "-k", "offline"]),
+    ("DeepSpeed's /dev/shm buffers are left to fill the host's memory", "    release_shared_memory()\n", "\n",
+     [LAUNCH, "-k", "offline"]),
     # the fp16 note and the cores
     ("fp16 is refused where DeepSpeed finds no native support", "accelerator.is_fp16_supported = lambda: True", "pass",
      [CONFIG, "-k", "fp16_runs_everywhere"]),

@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import os
 import re
@@ -180,6 +181,33 @@ def no_rank_outlives_the_suite():
     for session, _ in LAUNCHED:
         kill_session(session)
     assert not survivors, "launched processes outlived the suite:\n" + "\n".join(survivors)
+
+
+def shared_memory_segments():
+    """DeepSpeed's shared-memory all-reduce buffers in /dev/shm: {name: modification time}."""
+    segments = {}
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        with contextlib.suppress(FileNotFoundError):  # unlinked while we looked
+            segments[path.name] = path.stat().st_mtime_ns
+    return segments
+
+
+def segments_left_since(before):
+    """The buffers made or rewritten since `before` (shared_memory_segments()) that are still there."""
+    return sorted(name for name, mtime in shared_memory_segments().items() if before.get(name) != mtime)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_launch_leaves_shared_memory():
+    """Fail the session if a launch left a buffer in /dev/shm (and remove them): each holds 66 MB of the
+    host's memory until reboot, and a suite's worth of them filled it."""
+    before = shared_memory_segments()
+    yield
+    left = segments_left_since(before)
+    for name in left:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{name}")
+    assert not left, "launches left DeepSpeed's shared memory behind:\n" + "\n".join(left)
 
 
 OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")  # ZeRO-Offload's Adam, ZeRO 0's, shm comm

@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import MARGIN
+from conftest import MARGIN, segments_left_since, shared_memory_segments
 
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 # One epoch of 313 steps shows that a launch path trains; test_matrix.py checks training in every configuration.
@@ -93,7 +93,10 @@ def test_plain_python_runs_one_rank_with_the_default_fp16(launch, script):
     assert "Accuracy of the network on the 203 test images:" in run.output
 
 
-def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root, tmp_path):
+def test_missing_cifar10_offline_stops_every_rank_with_one_message_and_leaves_no_shared_memory(launch, root, tmp_path):
+    """Two ranks under DeepSpeed's launcher, which makes its CPU comm op create a /dev/shm buffer per rank: the
+    script unlinks them (DeepSpeed never does), even on a run that stops at once."""
+    segments = shared_memory_segments()
     run = launch(root / "run_ds.sh", "--data-dir", tmp_path / "nowhere", env={"NUM_GPUS": "2", "BIND_CORES": "0"},
                  timeout=120)  # no rank waits for another: a hang fails the launch here
     assert run.returncode == 1
@@ -104,6 +107,7 @@ def test_missing_cifar10_offline_stops_every_rank_with_one_message(launch, root,
     assert errors[0].endswith(f"Place cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) "
                               f"in {tmp_path / 'nowhere'}, or train offline on generated data with --dataset synthetic.")
     assert "Traceback" not in run.output
+    assert segments_left_since(segments) == []
 
 
 @pytest.mark.slow
