@@ -10,12 +10,16 @@ with DeepSpeed's launcher, torchrun, or plain python (one process):
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
+import itertools
 import math
 import os
 import re
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -30,6 +34,7 @@ import torchvision
 import torchvision.transforms as transforms
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
 from deepspeed.utils import groups, logger
@@ -119,9 +124,15 @@ def build_parser():
                         help="drop the tokens past an expert's capacity (default: drop)")
 
     # Checkpoints, evaluation and metrics: beyond the reference.
-    parser.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint here at the end of every epoch")
-    parser.add_argument("--resume", default=False, action="store_true",
-                        help="continue from the newest checkpoint in --save-dir")
+    parser.add_argument("--save-dir", default=None,
+                        help="save a DeepSpeed checkpoint here at the end of every epoch, and mid-epoch on SIGTERM or "
+                             "SIGUSR1 (then exit 75)")
+    parser.add_argument("--resume", default=False, nargs="?", const=True, type=resume_mode, metavar="auto",
+                        help="continue from the newest checkpoint in --save-dir, mid-epoch or not; with auto, start "
+                             "afresh where --save-dir holds none yet (for requeued jobs and torchrun --max-restarts)")
+    parser.add_argument("--keep-last", default=None, type=int, metavar="N",
+                        help="after each save, delete all but the newest N checkpoints, never the one 'latest' or "
+                             "'best' names (default: keep all)")
     parser.add_argument("--init-from", default=None, metavar="MODEL_OR_CHECKPOINT",
                         help="start a new run from the weights of a model file of export_model.py, or of a checkpoint "
                              "of any world size, EP size, ZeRO stage or dtype; the optimizer starts fresh")
@@ -159,6 +170,12 @@ def noisy_gate_policy(value):
         return None
     if value not in ("RSample", "Jitter"):
         raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from 'None', 'RSample', 'Jitter')")
+    return value
+
+
+def resume_mode(value):
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (give --resume alone, or --resume auto)")
     return value
 
 
@@ -325,6 +342,8 @@ def check_args(args, config, world_size):
         return "--synthetic-train-size and --synthetic-test-size must be at least 1"
     if args.resume and not args.save_dir:
         return "--resume needs --save-dir, the directory to resume from"
+    if args.keep_last is not None and (args.keep_last < 1 or not args.save_dir):
+        return f"--keep-last needs --save-dir and at least 1 checkpoint to keep, got {args.keep_last}"
     if args.resume and args.init_from:
         return "--resume continues a run and --init-from starts a new one: give one of them"
     if args.init_from and not os.path.exists(args.init_from):
@@ -689,10 +708,21 @@ class ExpertLoad:
         counts = totals[:-len(self.aux_losses)].split([len(c) for c in self.counts])
         shares = [(c / c.sum().clamp(min=1)).tolist() for c in counts]
         aux_losses = (totals[-len(self.aux_losses):] / (self.steps * dist.get_world_size())).tolist()
+        self.reset()
+        return shares, aux_losses
+
+    def reset(self):
         for total in self.counts + [self.aux_losses]:
             total.zero_()
         self.steps = 0
-        return shares, aux_losses
+
+    def state(self):
+        return {"counts": [c.tolist() for c in self.counts], "aux_losses": self.aux_losses.tolist(), "steps": self.steps}
+
+    def load_state(self, state):
+        for total, counts in zip(self.counts + [self.aux_losses], state["counts"] + [state["aux_losses"]]):
+            total.copy_(torch.tensor(counts))
+        self.steps = state["steps"]
 
 
 def write_step_metrics(model_engine, steps):
@@ -800,41 +830,128 @@ def model_argv(flags):
     return argv + ([] if flags["drop_tokens"] else ["--no-drop-tokens"])
 
 
-def save_checkpoint(model_engine, args, epoch):
-    """Save the finished epoch with DeepSpeed's save_checkpoint under the tag epoch<N>.
+CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
 
-    run.json is written first and DeepSpeed's 'latest' file last, so 'latest'
-    always names a complete checkpoint that says which run saved it; for MoE it
-    also names the MoE layers' module, which earlier versions of this script
-    called moe_layers, and the flags that build the Net (for export_model.py).
-    The client state holds the epoch and every rank's random-number state.
+
+@dataclasses.dataclass
+class Position:
+    """Where training goes on: the epoch (from 0), the optimizer steps already taken in it, and each rank's
+    part of the log interval those steps began (a mid-epoch checkpoint's; see interval_state)."""
+    epoch: int = 0
+    step: int = 0
+    intervals: list = None
+
+
+def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
+    """Save with DeepSpeed's save_checkpoint: the finished epoch as epoch<N>, or, with `step`, the steps taken
+    so far in epoch N as epoch<N>-step<S>, with this rank's unlogged interval. Returns the tag.
+
+    run.json is written first and 'latest' last, by rank 0 once every rank's files are complete (DeepSpeed
+    writes it when rank 0's own are), and atomically, so a kill at any moment leaves a 'latest' that loads.
+    run.json says which run saved it; for MoE it also names the MoE layers' module, which earlier versions
+    of this script called moe_layers, and the flags that build the Net (for export_model.py). The client
+    state holds the position and every rank's random-number state. Then --keep-last prunes.
     """
-    tag = f"epoch{epoch + 1}"
+    tag = f"epoch{epoch + 1}" if step is None else f"epoch{epoch + 1}-step{step}"
     if dist.get_rank() == 0:
         os.makedirs(os.path.join(args.save_dir, tag), exist_ok=True)
         with open(os.path.join(args.save_dir, tag, "run.json"), "w") as f:
             json.dump({**run_description(args, model_engine), "moe_module": "moe_layer_list" if args.moe else None,
                        "model": model_flags(args)}, f)
-    client_state = {"epoch": epoch + 1, "rng_states": gather_rng_states()}
-    model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state)
+    client_state = {"epoch": epoch + 1 if step is None else epoch, "step": step or 0,
+                    "rng_states": gather_rank_states(interval)}
+    model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's files are written
+    if dist.get_rank() == 0:
+        replace_file(os.path.join(args.save_dir, "latest"), tag)
+        if args.keep_last:
+            prune_checkpoints(args.save_dir, args.keep_last)
+    return tag
 
 
-def gather_rng_states():
-    """Every rank's random-number state, for a resumed run to draw what the uninterrupted one would have.
+def replace_file(path, text):
+    """Write `text` to `path` in one step: a reader finds the old text or the new, never a part."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def checkpoint_order(tag):
+    """The training position a checkpoint tag names, as (epochs finished, steps into the next)."""
+    epoch, step = CHECKPOINT_TAG.match(tag).groups()
+    return (int(epoch), 0) if step is None else (int(epoch) - 1, int(step))
+
+
+def prune_checkpoints(save_dir, keep):
+    """Delete all but the newest `keep` checkpoints in save_dir, never those 'latest' and 'best' name."""
+    tags = sorted((t for t in os.listdir(save_dir) if CHECKPOINT_TAG.match(t)), key=checkpoint_order)
+    kept = set(tags[-keep:])
+    for name in ("latest", "best"):
+        path = os.path.join(save_dir, name)
+        if os.path.islink(path):
+            kept.add(os.readlink(path))
+        elif os.path.isfile(path):
+            with open(path) as f:
+                kept.add(f.read().strip())
+    for tag in set(tags) - kept:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+
+
+def mark_best(save_dir, tag, accuracy):
+    """Point the link 'best' at `tag` if its test accuracy beats best's (kept in each tag's eval.json)."""
+    with open(os.path.join(save_dir, tag, "eval.json"), "w") as f:
+        json.dump({"accuracy": accuracy}, f)
+    best = os.path.join(save_dir, "best")
+    try:
+        with open(os.path.join(best, "eval.json")) as f:
+            if json.load(f)["accuracy"] >= accuracy:
+                return
+    except (OSError, ValueError, KeyError):
+        pass  # no best yet, or one that cannot be read: this one is best
+    os.symlink(tag, f"{best}.tmp")
+    os.replace(f"{best}.tmp", best)
+
+
+def gather_rank_states(interval=None):
+    """Every rank's random-number state, and its unlogged interval mid-epoch, for a resumed run to draw and
+    print what the uninterrupted one would have.
 
     The draws are the gate's noise and random token selection, and the data
     loader's worker seeds; DeepSpeed's checkpoints do not keep them.
     """
-    state = {"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+    state = {"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state(), "interval": interval}
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
 
 
+@contextlib.contextmanager
+def rng_untouched():
+    """Run a block without moving torch's and the accelerator's random-number state.
+
+    For what a resumed run does not repeat: an evaluation between epochs (its
+    gate drops tokens at random), and the draw of the data loader's worker seed
+    when an epoch's batches begin, which a run resumed mid-epoch would draw twice.
+    """
+    states = torch.get_rng_state(), get_accelerator().get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        get_accelerator().set_rng_state(states[1])
+
+
 def resume(model_engine, args):
-    """Load the newest checkpoint in --save-dir and return the epoch to continue from; never start afresh."""
+    """Load the newest checkpoint in --save-dir and return the Position to continue from.
+
+    --resume never starts afresh; --resume auto starts at the beginning where --save-dir holds no checkpoint.
+    """
     latest = os.path.join(args.save_dir, "latest")
     if not os.path.isfile(latest):
+        if args.resume == "auto":
+            if dist.get_rank() == 0:
+                print(f"--resume auto: no checkpoint in {args.save_dir} yet, so training starts at epoch 1")
+            return Position()
         stop(f"--resume: no checkpoint in {args.save_dir} (it has no 'latest' file)")
     with open(latest) as f:
         path = os.path.join(args.save_dir, f.read().strip())
@@ -867,12 +984,112 @@ def resume(model_engine, args):
         dist.barrier()  # a rank that could not load its part has exited: do not go on without it
     except RuntimeError:
         stop(f"--resume: another rank could not load its part of checkpoint {path}")
-    rng_state = client_state["rng_states"][dist.get_rank()]
-    torch.set_rng_state(rng_state["torch"])
-    get_accelerator().set_rng_state(rng_state["accelerator"])
+    replay_host_adam_steps(model_engine)
+    states = client_state["rng_states"]
+    torch.set_rng_state(states[dist.get_rank()]["torch"])
+    get_accelerator().set_rng_state(states[dist.get_rank()]["accelerator"])
+    start = Position(client_state["epoch"], client_state.get("step", 0),
+                     [state.get("interval") for state in states])
     if dist.get_rank() == 0:
-        print(f"Resuming from {path} at epoch {client_state['epoch'] + 1}")
-    return client_state["epoch"]
+        print(f"Resuming from {path} at epoch {start.epoch + 1}" + (f", step {start.step + 1}" if start.step else ""))
+    return start
+
+
+def replay_host_adam_steps(model_engine):
+    """Give DeepSpeed's Adam that steps on the host (CPU Adam for ZeRO-Offload, the CPU accelerator's fused Adam)
+    the bias correction that the process which saved the checkpoint would use next.
+
+    Its C++ step keeps beta^t and multiplies it by beta at each step, in float32; a new process starts from
+    pow(beta, t), which differs in the last bits, so a resumed run drifted from the uninterrupted one, and
+    MoE's routing turned that drift into other experts. Stepping a one-element dummy through steps 1 to t
+    repeats the products (about a second per 100,000 steps).
+    """
+    optimizer = model_engine.basic_optimizer
+    steps = max((int(state.get("step", 0)) for state in optimizer.state.values()), default=0)
+    group = optimizer.param_groups[0]
+    args = group["lr"], *group["betas"], group["eps"]
+    dummy = [torch.zeros(1) for _ in range(4)]
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        for step in range(1, steps + 1):
+            optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, *args, group["weight_decay"],
+                                              group["bias_correction"], *dummy)
+    elif isinstance(optimizer, FusedAdam) and group["params"][0].device.type == "cpu":
+        for step in range(1, steps + 1):
+            optimizer.multi_tensor_adam(2048, optimizer._dummy_overflow_buf, [[tensor] for tensor in dummy], *args,
+                                        step, optimizer.adam_w_mode, group["bias_correction"], group["weight_decay"])
+
+
+class Preemption:
+    """A scheduler's SIGTERM or SIGUSR1 (SLURM, Kubernetes, DeepSpeed's launcher passing one on): the handler
+    notes it and does nothing else, so a second signal, during the save too, changes nothing. The ranks
+    agree on it at a step boundary, every PREEMPTION_CHECK_EVERY steps, then save where they are and leave
+    together with exit status PREEMPTED (75, EX_TEMPFAIL: run again with --resume), or 128 + the signal's
+    number where there is no --save-dir and nothing was saved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device):
+        self.device = device
+        self.signum = 0
+        self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+
+    def note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def agreed(self):
+        """The signal that reached any rank (0 if none); every rank must ask at the same step."""
+        if dist.get_world_size() == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def leave(self, signum, args, tag):
+        """Say what was saved (`tag`, or None: nothing) on rank 0, and end every rank together."""
+        name = signal.Signals(signum).name
+        if dist.get_rank() == 0:
+            print(f"Preempted by {name}: " + (f"saved checkpoint {os.path.join(args.save_dir, tag)}; run again with "
+                                              f"--resume to continue from there (exit {PREEMPTED})" if tag else
+                                              f"nothing saved, as there is no --save-dir (exit {128 + signum})"),
+                  flush=True)
+        dist.barrier()  # no rank leaves, and so no launcher kills another, before every rank is done
+        leave(PREEMPTED if tag else 128 + signum)
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+PREEMPTION_CHECK_EVERY = 10  # optimizer steps between the ranks' agreement on a signal: one small all-reduce
+PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint
+
+
+class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
+    """DeepSpeed's DistributedSampler, which can begin an epoch at `start`: the number of this rank's samples
+    that a mid-epoch checkpoint had already trained on. The order is the same."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def interval_state(steps, expert_load):
+    """This rank's part of the log interval in progress, for a mid-epoch checkpoint: what the next loss,
+    throughput and expert-load lines average."""
+    return {"steps": [(samples, loss.item(), None if norm is None else norm.item()) for samples, loss, norm in steps],
+            "expert_load": expert_load.state() if expert_load else None}
+
+
+def restore_interval(interval, expert_load, device):
+    """The steps list of interval_state, back on the device; the expert load restored in place."""
+    if expert_load:
+        expert_load.load_state(interval["expert_load"])
+    return [(samples, torch.tensor(loss, device=device),
+             None if norm is None else torch.tensor(norm, device=device)) for samples, loss, norm in interval["steps"]]
 
 
 def train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef=0.0):
@@ -888,21 +1105,33 @@ def train_step(model_engine, criterion, inputs, labels, local_device, target_dty
     return loss.detach().float()
 
 
-def train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval):
-    """The reference's loop; also logs throughput and expert load, checkpoints, and evaluates every --eval-every."""
+def train(model_engine, trainloader, testset, args, start=None):
+    """The reference's loop from `start` (a Position); also logs throughput and expert load, checkpoints,
+    evaluates every --eval-every, and on a scheduler's signal saves where it is and leaves (Preemption)."""
+    start = start or Position()
+    local_device = get_accelerator().device_name(model_engine.local_rank)
+    target_dtype = input_dtype(model_engine)
     criterion = nn.CrossEntropyLoss()
     net = model_engine.module
     expert_load = ExpertLoad(net, local_device) if args.moe else None
     aux_loss_coef = args.moe_aux_loss_coef if args.moe else 0.0  # a dense Net has no gate, so no aux loss
     accumulation = model_engine.gradient_accumulation_steps()
     steps_per_epoch = len(trainloader) // accumulation  # optimizer steps; the loader yields micro-batches
-    for epoch in range(start_epoch, args.epochs):
+    preemption = Preemption(local_device)
+    for epoch in range(start.epoch, args.epochs):
+        first = start.step if epoch == start.epoch else 0  # optimizer steps a mid-epoch checkpoint took
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
-        steps = []  # (samples seen, loss, gradient norm) of each step, on the device: read only at log intervals
+        trainloader.data_sampler.start = first * accumulation * trainloader.batch_size
+        # (samples seen, loss, gradient norm) of each step, on the device: read only at log intervals
+        steps = restore_interval(start.intervals[dist.get_rank()], expert_load, local_device) if first else []
+        if expert_load and not first:
+            expert_load.reset()  # an interval ends with its epoch, as the loss lines' do
         micro_losses = []
         epoch_start = interval_start = time.perf_counter()
-        with progress_bar(args, steps_per_epoch, epoch) as bar:
-            for micro_step, (inputs, labels) in enumerate(trainloader):
+        with rng_untouched():  # the loader draws its worker seed as its batches begin: a resumed epoch again
+            batches = enumerate(trainloader, start=first * accumulation)
+        with progress_bar(args, steps_per_epoch, epoch, first) as bar:
+            for micro_step, (inputs, labels) in batches:
                 micro_losses.append(
                     train_step(model_engine, criterion, inputs, labels, local_device, target_dtype, aux_loss_coef))
                 if expert_load:
@@ -920,31 +1149,40 @@ def train(model_engine, trainloader, testset, args, start_epoch, local_device, t
                         log_progress(model_engine, epoch, i, losses, norms, time.perf_counter() - interval_start,
                                      steps_per_epoch, args.log_interval, expert_load)
                     interval_start = time.perf_counter()
+                if (i + 1) % PREEMPTION_CHECK_EVERY == 0 and i + 1 < steps_per_epoch and (signum := preemption.agreed()):
+                    tag = args.save_dir and save_checkpoint(model_engine, args, epoch, i + 1,
+                                                            interval_state(steps, expert_load))
+                    preemption.leave(signum, args, tag)
         if steps:
             write_step_metrics(model_engine, steps)
         model_engine.monitor.write_events([("Train/Epoch/seconds", time.perf_counter() - epoch_start, epoch + 1)])
-        if args.save_dir:
-            save_checkpoint(model_engine, args, epoch)
+        tag = args.save_dir and save_checkpoint(model_engine, args, epoch)
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-            class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
-                                                       shard=shard_eval)
+            with rng_untouched():  # a run resumed from this epoch's checkpoint does not evaluate again
+                class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
+                                                           shard=can_shard_eval(args, model_engine))
             accuracy = 100 * sum(class_correct) / sum(class_total)
             if dist.get_rank() == 0:
                 print(f"[{epoch + 1}] accuracy of the network on the {sum(class_total)} test images: {accuracy:.1f} %")
+                if tag:
+                    mark_best(args.save_dir, tag, accuracy)
             model_engine.monitor.write_events([("Eval/accuracy", accuracy, model_engine.global_samples)])
+        if signum := preemption.agreed():
+            preemption.leave(signum, args, tag)
+    preemption.close()
 
 
 BAR_EVERY = 20  # steps between the bar's readings of the loss and expert load (each one a host read)
 
 
 @contextlib.contextmanager
-def progress_bar(args, steps, epoch):
-    """Rank 0's live bar of the epoch's steps when its standard output is a terminal, erased when the epoch
-    ends; DeepSpeed's log lines are then written above it. Otherwise a disabled bar (tqdm's no-op), so that
-    logs and pipes get exactly the printed lines."""
+def progress_bar(args, steps, epoch, first=0):
+    """Rank 0's live bar of the epoch's steps (from step `first`) when its standard output is a terminal, erased
+    when the epoch ends; DeepSpeed's log lines are then written above it. Otherwise a disabled bar (tqdm's
+    no-op), so that logs and pipes get exactly the printed lines."""
     show = args.progress and dist.get_rank() == 0 and sys.stdout.isatty()
-    with (tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout, leave=False, disable=not show,
-               dynamic_ncols=True) as bar,
+    with (tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout, leave=False,
+               disable=not show, dynamic_ncols=True) as bar,
           logging_redirect_tqdm([logger]) if show else contextlib.nullcontext()):
         yield bar
 
@@ -1114,6 +1352,8 @@ def initialize(args, config):
         if ep_rank != dist.get_rank() % args.ep_world_size:  # init_from chose this rank's experts by that layout
             stop(f"--init-from: DeepSpeed made this rank expert-parallel rank {ep_rank}, not "
                  f"{dist.get_rank() % args.ep_world_size}: its experts would be another rank's", every_rank=True)
+    sampler = trainloader.data_sampler
+    trainloader.data_sampler = ResumableSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank)
     if args.seed is not None:
         trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
     # DeepSpeed's loader starts 2 workers per rank, whatever the cores; it reads this when each epoch begins.
@@ -1308,14 +1548,13 @@ def main(args):
     if args.compile:
         compile_model(model_engine, args)
 
-    start_epoch = resume(model_engine, args) if args.resume else 0
-    shard_eval = can_shard_eval(args, model_engine)
+    start = resume(model_engine, args) if args.resume else Position()
     with stop_if_a_peer_is_lost():
-        train(model_engine, trainloader, testset, args, start_epoch, local_device, target_dtype, shard_eval)
+        train(model_engine, trainloader, testset, args, start)
         if dist.get_rank() == 0:
             print("Finished Training")
 
-        accuracy = test(model_engine, testset, local_device, target_dtype, shard=shard_eval)
+        accuracy = test(model_engine, testset, local_device, target_dtype, shard=can_shard_eval(args, model_engine))
     model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
     dist.destroy_process_group()
 

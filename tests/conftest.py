@@ -14,6 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_MACHINE = ROOT / "tests" / "fake_machine"
 sys.path.insert(0, str(ROOT))
+# DeepSpeed's CPU ops are built per environment: another checkout's venv, building into the shared default
+# (~/.cache/torch_extensions), would rebuild them under this suite's launches.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import cifar10_deepspeed  # noqa: E402
 

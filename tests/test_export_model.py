@@ -25,8 +25,7 @@ def saved(parse, save_dir, *flags):
     config = cifar10_deepspeed.get_ds_config(args)
     cifar10_deepspeed.allow_fp16(config)  # fp16 on any CPU, as the script runs it
     engine, trainloader, testset = cifar10_deepspeed.initialize(args, config)
-    cifar10_deepspeed.train(engine, trainloader, testset, args, 0, "cpu", cifar10_deepspeed.input_dtype(engine),
-                            shard_eval=True)
+    cifar10_deepspeed.train(engine, trainloader, testset, args)
     return engine
 
 

@@ -251,7 +251,7 @@ def test_train_tells_the_sampler_each_epoch(single_rank_group, parse, capsys):
     orders = []
     for epoch in range(3):
         args.epochs = epoch + 1
-        cifar10_deepspeed.train(engine, trainloader, testset, args, epoch, "cpu", None, shard_eval=True)
+        cifar10_deepspeed.train(engine, trainloader, testset, args, cifar10_deepspeed.Position(epoch))
         orders.append(list(trainloader.data_sampler))
     assert trainloader.data_sampler.epoch == 2
     assert orders[0] != orders[1] != orders[2]
@@ -335,7 +335,7 @@ def test_gradient_accumulation_trains_and_logs_as_one_batch(single_rank_group, p
                      "--synthetic-test-size", "8", "--log-interval", "2", "--seed", "0", "-e", "1", *flags)
         engine, trainloader, testset = cifar10_deepspeed.initialize(args, cifar10_deepspeed.get_ds_config(args))
         capsys.readouterr()
-        cifar10_deepspeed.train(engine, trainloader, testset, args, 0, "cpu", None, shard_eval=True)
+        cifar10_deepspeed.train(engine, trainloader, testset, args)
         lines[name] = [line for line in capsys.readouterr().out.splitlines() if "loss:" in line]
         finals[name] = [p.detach().clone() for p in engine.module.parameters()]
         assert engine.global_steps == 8 and engine.train_batch_size() == 16

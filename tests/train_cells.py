@@ -187,8 +187,7 @@ def train_cell(cell, steps, checks, evaluate, data_path):
 
     train_step, cifar10_deepspeed.train_step = cifar10_deepspeed.train_step, recorded_step
     try:  # one epoch of the script's own loop: its logging, expert load and monitors run too
-        cifar10_deepspeed.train(model_engine, trainloader, testset, args, 0, local_device, target_dtype,
-                                cifar10_deepspeed.can_shard_eval(args, model_engine))
+        cifar10_deepspeed.train(model_engine, trainloader, testset, args)
     finally:
         cifar10_deepspeed.train_step = train_step
     if checks:
