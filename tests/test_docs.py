@@ -19,7 +19,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_SCRIPTS = sorted(ROOT.glob("run_ds*.sh"))
 SHELL = ("bash", "sh", "shell")
 # Files the pages name that are not this project's: DeepSpeed's, or what a run writes.
-NOT_OURS = {"run.json", "real_accelerator.py", "launch.py", "zero_to_fp32.py"}
+NOT_OURS = {"run.json", "eval.json", "real_accelerator.py", "launch.py", "zero_to_fp32.py"}
 OTHER_SETTINGS = {"DS_ACCELERATOR"}  # read by DeepSpeed, not by the run scripts
 
 
