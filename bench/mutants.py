@@ -100,10 +100,10 @@ MUTANTS = [
     # checkpoints and resume
     ("--init-from gives every rank the first experts", "f\"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.\")",
      "f\"deepspeed_experts.{int(match.group(2))}.\")", [T + "test_export_model.py", "-k", "init_from"]),
-    ("a checkpoint records the epoch it finished as the one to redo", 'client_state = {"epoch": epoch + 1,',
-     'client_state = {"epoch": epoch,', [RESUME, "-k", "replays"]),
+    ("a checkpoint records the epoch it finished as the one to redo", '{"epoch": epoch + 1 if step is None else epoch,',
+     '{"epoch": epoch,', [RESUME, "-k", "replays"]),
     ("resume does not restore the random-number state",  # both: on a CPU the accelerator's state is torch's
-     'torch.set_rng_state(rng_state["torch"])\n    get_accelerator().set_rng_state(rng_state["accelerator"])',
+     'torch.set_rng_state(states[dist.get_rank()]["torch"])\n    get_accelerator().set_rng_state(states[dist.get_rank()]["accelerator"])',
      "pass", [RESUME, "-k", "moe-ep2-zero2-offload"]),
     ("the evaluation between epochs moves the training's random numbers",
      "            with rng_untouched():  # a run resumed from this epoch's checkpoint does not evaluate again\n",
