@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +174,32 @@ def run_command(cmd, cwd, env=None, timeout=LAUNCH_TIMEOUT):
     proc = start(cmd, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output, _ = finish(proc, timeout)
     return Run(subprocess.CompletedProcess(cmd, proc.returncode, output))
+
+
+def signal_when(cmd, cwd, seen, act):
+    """Launch `cmd` in a session of its own; once a line of its output satisfies `seen`, call act(launcher,
+    output so far) and read on until every process of the session has closed its output. Returns the Run and
+    the seconds from act to the last process of the session gone."""
+    launcher = start(cmd, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_session, [launcher.pid])
+    watchdog.start()
+    output, acted = [], None
+    for line in launcher.stdout:
+        output.append(line)
+        if acted is None and seen(line):
+            act(launcher, "".join(output))
+            acted = time.monotonic()
+    while live_processes(launcher.pid) and time.monotonic() - acted < 60:
+        time.sleep(0.05)
+    gone = time.monotonic() - acted if acted else None
+    watchdog.cancel()
+    assert acted, f"never acted; the run printed:\n{''.join(output)[-3000:]}"
+    output.append(finish(launcher)[0])
+    return Run(subprocess.CompletedProcess(cmd, launcher.returncode, "".join(output))), gone
+
+
+def rank_pid(output, rank):
+    return int(re.search(rf"process (\d+) spawned with command: .*'--local_rank={rank}'", output).group(1))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,14 +6,13 @@ import re
 import shlex
 import signal
 import subprocess
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
 import cifar10_deepspeed
-from conftest import LAUNCH_TIMEOUT, ROOT, Run, finish, kill_session, live_processes, run_command, start
+from conftest import ROOT, rank_pid, run_command, signal_when
 
 # 60 steps an epoch, a loss line every 25: the signal lands after [ 2,    25] and the ranks agree at step 30,
 # inside a log interval, so the resumed run must carry the interval's first 5 steps to print the same lines.
@@ -30,32 +29,6 @@ def printed(run, after):
     starts = [i for i, line in enumerate(lines) if line.startswith(after)]
     assert starts, f"no {after!r} in:\n{run.output[-3000:]}"
     return [line for line in lines[starts[0] + 1:] if PRINTED.match(line)]
-
-
-def signal_when(cmd, cwd, seen, act):
-    """Launch `cmd` in a session of its own; once a line of its output satisfies `seen`, call act(launcher,
-    output so far) and read on until every process of the session has closed its output. Returns the Run and
-    the seconds from act to the last process of the session gone."""
-    launcher = start(cmd, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_session, [launcher.pid])
-    watchdog.start()
-    output, acted = [], None
-    for line in launcher.stdout:
-        output.append(line)
-        if acted is None and seen(line):
-            act(launcher, "".join(output))
-            acted = time.monotonic()
-    while live_processes(launcher.pid) and time.monotonic() - acted < 60:
-        time.sleep(0.05)
-    gone = time.monotonic() - acted if acted else None
-    watchdog.cancel()
-    assert acted, f"never acted; the run printed:\n{''.join(output)[-3000:]}"
-    output.append(finish(launcher)[0])
-    return Run(subprocess.CompletedProcess(cmd, launcher.returncode, "".join(output))), gone
-
-
-def rank_pid(output, rank):
-    return int(re.search(rf"process (\d+) spawned with command: .*'--local_rank={rank}'", output).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +95,9 @@ def test_sigusr1_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
         launch, script, tmp_path):
     """SIGUSR1 (SLURM's --signal) to rank 1 alone: both ranks save and exit 75, and so does the launcher. Then
     rank 1 is killed as the resumed run's next save begins: 'latest' still names the mid-epoch checkpoint,
-    complete, and a third run resumes from it to the end."""
+    complete, and a third run resumes from it to the end, printing the uninterrupted dense run's lines."""
     cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--save-dir", tmp_path / "ckpt"]
+    full = launch(*cmd[:-1], tmp_path / "full")
     stopped, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
                              lambda _, output: os.kill(rank_pid(output, 1), signal.SIGUSR1))
     assert stopped.returncode == 75, stopped.output[-3000:]
@@ -142,7 +116,7 @@ def test_sigusr1_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
     resumed = launch(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"Resuming from {tmp_path / 'ckpt' / 'epoch1-step30'} at epoch 1, step 31" in resumed.output
-    assert "Finished Training" in resumed.output
+    assert printed(resumed, "Resuming from") == printed(full, "[ 1,    25] loss:")
 
 
 @pytest.mark.slow

@@ -2,10 +2,8 @@
 
 import json
 import os
-import re
 import signal
 import subprocess
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 import cifar10_deepspeed
 import export_model
 import predict
-from conftest import MARGIN, LAUNCH_TIMEOUT, ROOT, Run, finish, kill_session, metric, run_command, start
+from conftest import MARGIN, ROOT, metric, rank_pid, run_command, signal_when
 
 pytestmark = pytest.mark.slow
 
@@ -23,26 +21,10 @@ STEPS_PER_EPOCH = 200  # of the killed run; 600 in all, past the loss scale's fi
 
 
 def kill_rank_1_at(cmd, cwd, marker):
-    """Launch, wait for `marker` in the output, SIGKILL rank 1, and return the launcher's Run.
-
-    A launch that has not printed `marker` within LAUNCH_TIMEOUT seconds is killed with its ranks.
-    """
-    launcher = start(cmd, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_session, [launcher.pid])
-    watchdog.start()
-    output, rank_1 = [], None
-    for line in launcher.stdout:
-        output.append(line)
-        spawned = re.search(r"process (\d+) spawned with command: .*'--local_rank=1'", line)
-        if spawned:
-            rank_1 = int(spawned.group(1))
-        if marker in line:
-            os.kill(rank_1, signal.SIGKILL)
-            break
-    watchdog.cancel()
-    assert output and marker in output[-1], f"no {marker!r} in:\n{''.join(output)[-3000:]}"
-    output.append(finish(launcher)[0])
-    return Run(subprocess.CompletedProcess(cmd, launcher.returncode, "".join(output)))
+    """Launch, wait for `marker` in the output, SIGKILL rank 1, and return the launcher's Run."""
+    run, _ = signal_when(cmd, cwd, lambda line: marker in line,
+                         lambda _, output: os.kill(rank_pid(output, 1), signal.SIGKILL))
+    return run
 
 
 @pytest.fixture(scope="module")
