@@ -91,17 +91,17 @@ def test_a_run_resumed_after_an_evaluated_epoch_prints_the_uninterrupted_runs_li
 
 
 @pytest.mark.slow
-def test_sigusr1_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves_a_latest_that_loads(
+def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves_a_latest_that_loads(
         launch, script, tmp_path):
-    """SIGUSR1 (SLURM's --signal) to rank 1 alone: both ranks save and exit 75, and so does the launcher. Then
+    """SIGTERM to rank 1 alone: both ranks save and exit 75, and so does the launcher. Then
     rank 1 is killed as the resumed run's next save begins: 'latest' still names the mid-epoch checkpoint,
     complete, and a third run resumes from it to the end, printing the uninterrupted dense run's lines."""
     cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--save-dir", tmp_path / "ckpt"]
     full = launch(*cmd[:-1], tmp_path / "full")
     stopped, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
-                             lambda _, output: os.kill(rank_pid(output, 1), signal.SIGUSR1))
+                             lambda _, output: os.kill(rank_pid(output, 1), signal.SIGTERM))
     assert stopped.returncode == 75, stopped.output[-3000:]
-    assert (f"Preempted by SIGUSR1: saved checkpoint {tmp_path / 'ckpt' / 'epoch1-step30'}; run again with --resume "
+    assert (f"Preempted by SIGTERM: saved checkpoint {tmp_path / 'ckpt' / 'epoch1-step30'}; run again with --resume "
             f"to continue from there (exit 75)") in stopped.output
 
     def kill_rank_1_as_epoch1_is_saved(_, output):
@@ -120,12 +120,13 @@ def test_sigusr1_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
 
 
 @pytest.mark.slow
-def test_sigterm_without_a_save_dir_says_nothing_was_saved(launch, script, tmp_path):
+def test_sigusr1_without_a_save_dir_says_nothing_was_saved(launch, script, tmp_path):
+    """SLURM's early signal (--signal=USR1@90) to a one-rank run without --save-dir: one line, exit 128 + 10."""
     cmd = ["python", script, "--deepspeed", *SMALL]
     run, gone = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
-                            lambda launcher, _: launcher.send_signal(signal.SIGTERM))
-    assert run.returncode == 128 + signal.SIGTERM
-    assert "Preempted by SIGTERM: nothing saved, as there is no --save-dir (exit 143)" in run.output.splitlines()
+                            lambda launcher, _: launcher.send_signal(signal.SIGUSR1))
+    assert run.returncode == 128 + signal.SIGUSR1
+    assert "Preempted by SIGUSR1: nothing saved, as there is no --save-dir (exit 138)" in run.output.splitlines()
     assert gone < 30
 
 
