@@ -835,11 +835,11 @@ CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its en
 
 @dataclasses.dataclass
 class Position:
-    """Where training goes on: the epoch (from 0), the optimizer steps already taken in it, and each rank's
-    part of the log interval those steps began (a mid-epoch checkpoint's; see interval_state)."""
+    """Where training goes on: the epoch (from 0), the optimizer steps already taken in it, and, from a
+    mid-epoch checkpoint, this rank's random-number state and part of the log interval in progress."""
     epoch: int = 0
     step: int = 0
-    intervals: list = None
+    rank_state: dict = None
 
 
 def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
@@ -916,29 +916,14 @@ def gather_rank_states(interval=None):
     """Every rank's random-number state, and its unlogged interval mid-epoch, for a resumed run to draw and
     print what the uninterrupted one would have.
 
-    The draws are the gate's noise and random token selection, and the data
-    loader's worker seeds; DeepSpeed's checkpoints do not keep them.
+    The draws are the gate's noise and random token selection (in training and
+    in evaluation), and the data loader's worker seed; DeepSpeed's checkpoints do
+    not keep them.
     """
     state = {"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state(), "interval": interval}
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
-
-
-@contextlib.contextmanager
-def rng_untouched():
-    """Run a block without moving torch's and the accelerator's random-number state.
-
-    For what a resumed run does not repeat: an evaluation between epochs (its
-    gate drops tokens at random), and the draw of the data loader's worker seed
-    when an epoch's batches begin, which a run resumed mid-epoch would draw twice.
-    """
-    states = torch.get_rng_state(), get_accelerator().get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        get_accelerator().set_rng_state(states[1])
 
 
 def resume(model_engine, args):
@@ -985,14 +970,16 @@ def resume(model_engine, args):
     except RuntimeError:
         stop(f"--resume: another rank could not load its part of checkpoint {path}")
     replay_host_adam_steps(model_engine)
-    states = client_state["rng_states"]
-    torch.set_rng_state(states[dist.get_rank()]["torch"])
-    get_accelerator().set_rng_state(states[dist.get_rank()]["accelerator"])
-    start = Position(client_state["epoch"], client_state.get("step", 0),
-                     [state.get("interval") for state in states])
+    start = Position(client_state["epoch"], client_state.get("step", 0), client_state["rng_states"][dist.get_rank()])
+    set_rng_state(start.rank_state)
     if dist.get_rank() == 0:
         print(f"Resuming from {path} at epoch {start.epoch + 1}" + (f", step {start.step + 1}" if start.step else ""))
     return start
+
+
+def set_rng_state(rank_state):
+    torch.set_rng_state(rank_state["torch"])
+    get_accelerator().set_rng_state(rank_state["accelerator"])
 
 
 def replay_host_adam_steps(model_engine):
@@ -1123,13 +1110,14 @@ def train(model_engine, trainloader, testset, args, start=None):
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
         trainloader.data_sampler.start = first * accumulation * trainloader.batch_size
         # (samples seen, loss, gradient norm) of each step, on the device: read only at log intervals
-        steps = restore_interval(start.intervals[dist.get_rank()], expert_load, local_device) if first else []
+        steps = restore_interval(start.rank_state["interval"], expert_load, local_device) if first else []
         if expert_load and not first:
             expert_load.reset()  # an interval ends with its epoch, as the loss lines' do
         micro_losses = []
         epoch_start = interval_start = time.perf_counter()
-        with rng_untouched():  # the loader draws its worker seed as its batches begin: a resumed epoch again
-            batches = enumerate(trainloader, start=first * accumulation)
+        batches = enumerate(trainloader, start=first * accumulation)  # the loader draws its worker seed here
+        if first:
+            set_rng_state(start.rank_state)  # saved mid-epoch, after the uninterrupted run's draw
         with progress_bar(args, steps_per_epoch, epoch, first) as bar:
             for micro_step, (inputs, labels) in batches:
                 micro_losses.append(
@@ -1156,17 +1144,18 @@ def train(model_engine, trainloader, testset, args, start=None):
         if steps:
             write_step_metrics(model_engine, steps)
         model_engine.monitor.write_events([("Train/Epoch/seconds", time.perf_counter() - epoch_start, epoch + 1)])
-        tag = args.save_dir and save_checkpoint(model_engine, args, epoch)
+        accuracy = None
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-            with rng_untouched():  # a run resumed from this epoch's checkpoint does not evaluate again
-                class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
-                                                           shard=can_shard_eval(args, model_engine))
+            class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype,
+                                                       shard=can_shard_eval(args, model_engine))
             accuracy = 100 * sum(class_correct) / sum(class_total)
             if dist.get_rank() == 0:
                 print(f"[{epoch + 1}] accuracy of the network on the {sum(class_total)} test images: {accuracy:.1f} %")
-                if tag:
-                    mark_best(args.save_dir, tag, accuracy)
             model_engine.monitor.write_events([("Eval/accuracy", accuracy, model_engine.global_samples)])
+        # Saved after the evaluation, whose gate draws random numbers: a resumed run draws on from there.
+        tag = args.save_dir and save_checkpoint(model_engine, args, epoch)
+        if tag and accuracy is not None and dist.get_rank() == 0:
+            mark_best(args.save_dir, tag, accuracy)
         if signum := preemption.agreed():
             preemption.leave(signum, args, tag)
     preemption.close()
