@@ -237,7 +237,10 @@ def test_the_moe_tutorials_four_ranks_through_run_ds_moe(tmp_path):
     first, second = nodes.run(script("run_ds_moe.sh", *SYNTHETIC, "--dtype", "fp32", "--stage", "2", "-e", "2",
                                      "--synthetic-train-size", "2560"),
                               env=({"EXPERTS": "8"}, {"EXPERTS": "8"}))
-    first.assert_trained(min_accuracy=27 - MARGIN)  # 320 steps: the launch path, not learning, is the point
+    # 320 steps: the launch path, not learning, is the point. The loss falls by a fifth, though its last
+    # interval may rise again on another CPU's rounding (1.807 then 1.856 from 2.303 on one AMD EPYC).
+    assert first.returncode == 0 and "Finished Training" in first.output, first.output[-3000:]
+    assert min(first.losses()) < 0.8 * first.losses()[0] and first.accuracy() >= 27 - MARGIN, first.losses()
     assert second.returncode == 0, second.output[-3000:]
     assert "--ep-world-size 2 --num-experts 8 --top-k 1 --noisy-gate-policy RSample --moe-param-group" in first.output
 
