@@ -9,31 +9,14 @@ PREEMPTION_CHECK_EVERY steps. Prints a Markdown table on rank 0.
 """
 
 import os
-import statistics
 import sys
-import time
 
 import deepspeed.comm as dist
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed as script  # noqa: E402
-
-REPEATS = 300
-
-
-def milliseconds(call):
-    """Median of REPEATS timed calls after a warm-up, in milliseconds."""
-    for _ in range(20):
-        call()
-    times = []
-    for _ in range(REPEATS):
-        dist.barrier()
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
+from allreduce import milliseconds  # noqa: E402  (beside this file)
 
 def main():
     args = script.add_argument(["--deepspeed", "--dataset", "synthetic", "--dtype", "fp32"])
