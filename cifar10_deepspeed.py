@@ -4,7 +4,7 @@ A port of the CIFAR-10 example in DeepSpeed's examples collection. Launch it
 with DeepSpeed's launcher, torchrun, or plain python (one process):
 
     deepspeed --num_gpus=2 cifar10_deepspeed.py --deepspeed --moe --ep-world-size 2 --num-experts 2
-    torchrun --nproc_per_node 2 cifar10_deepspeed.py --deepspeed
+    torchrun --standalone --nproc_per_node 2 cifar10_deepspeed.py --deepspeed
     python cifar10_deepspeed.py --deepspeed --dataset synthetic --dtype fp32
 """
 
@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -1191,6 +1192,80 @@ def advance(bar, model_engine, steps, expert_load):
     bar.set_postfix(postfix)
 
 
+# The newest CUDA each NVIDIA driver runs (the CUDA toolkits' least Linux drivers), newest first, as PyTorch's
+# wheel index names it.
+CUDA_FOR_DRIVER = ((580, "cu130"), (570, "cu128"), (560, "cu126"), (550, "cu124"), (530, "cu121"), (520, "cu118"))
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+
+
+def listed_gpus():
+    """The NVIDIA GPUs nvidia-smi lists, and their driver's version: ([], None) without nvidia-smi or a GPU."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return [], None
+    rows = [line.rsplit(",", 1) for line in listing.splitlines() if "," in line]
+    return [name.strip() for name, _ in rows], (rows[0][1].strip() if rows else None)
+
+
+def unusable_gpu():
+    """Why torch cannot use this machine's GPU, and the ways out, or None when it can or there is none.
+
+    Where torch finds no CUDA, DeepSpeed picks its CPU accelerator without a word
+    (its real_accelerator.py), and a run meant for the GPU trains for hours on the
+    CPU. A GPU is there when nvidia-smi lists one or CUDA_VISIBLE_DEVICES names
+    one. DS_ACCELERATOR set chooses the accelerator on purpose: no check.
+    """
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+        return None
+    names, driver = listed_gpus()
+    # DeepSpeed's launcher (it sets LOCAL_SIZE) sets CUDA_VISIBLE_DEVICES to its slots, on a CPU too.
+    visible = None if "LOCAL_SIZE" in os.environ else os.environ.get("CUDA_VISIBLE_DEVICES")
+    names_a_gpu = bool((visible or "").strip()) and not visible.strip().startswith("-")  # -1 hides them all
+    if not names and not names_a_gpu:
+        return None
+    try:
+        torch.cuda.init()
+        reason = "it finds no GPU."
+    except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without CUDA
+        reason = re.split(r"(?<=\.)\s", str(e).strip())[0]  # torch's first sentence
+    there = f"nvidia-smi lists {len(names)} GPU(s) ({names[0]}, driver {driver})" if names else (
+        f"CUDA_VISIBLE_DEVICES={visible} names a GPU")
+    if visible is not None and not names_a_gpu:
+        way_out = f"set CUDA_VISIBLE_DEVICES to the GPUs to use ({visible!r} hides them all)"
+    else:
+        way_out = install_torch_for(driver)
+    return (f"{there}, but torch {torch.__version__} cannot use CUDA: {reason} DeepSpeed would train on the CPU "
+            f"instead. Either {way_out}, or set DS_ACCELERATOR=cpu to train on the CPU on purpose.")
+
+
+def install_torch_for(driver):
+    """The way out for a driver too old for this torch's CUDA: the command for torch built for the driver's CUDA."""
+    major = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
+    if major is None:
+        return "install the torch built for this machine's CUDA driver (docs/gpu.md)"
+    cuda = next((cuda for least, cuda in CUDA_FOR_DRIVER if major >= least), None)
+    if cuda is None:
+        return f"update the NVIDIA driver (PyTorch's CUDA builds need {CUDA_FOR_DRIVER[-1][0]} or newer)"
+    versions = (f"{name}=={version.__version__.split('+')[0]}" for name, version in
+                (("torch", torch), ("torchvision", torchvision)))
+    return (f"install torch built for driver {driver}: pip install {' '.join(versions)} --index-url "
+            f"{TORCH_INDEX}{cuda} (or the nearest version that index has: docs/gpu.md)")
+
+
+def accelerator_line():
+    """Rank 0's first line: the accelerator this run trains on, and how it was chosen."""
+    accelerator = get_accelerator()
+    chosen = f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']}" if "DS_ACCELERATOR" in os.environ else "detected"
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    what = accelerator.device_name()
+    if what == "cuda":
+        what += f" ({torch.cuda.get_device_name(int(os.environ.get('LOCAL_RANK', 0)))})"
+    return (f"accelerator: {what}, {ranks} rank{'s' if ranks > 1 else ''}, {chosen}; "
+            f"torch {torch.__version__}, DeepSpeed {deepspeed.__version__}")
+
+
 def use_single_process_defaults():
     """Let `python cifar10_deepspeed.py` run as one rank: fill in what a launcher would set."""
     if "RANK" in os.environ:
@@ -1289,14 +1364,29 @@ def start_distributed(timeout_minutes=None):
     """
     use_single_process_defaults()
     use_share_of_cores()
-    if timeout_minutes is None:
-        deepspeed.init_distributed()
-    else:
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        torch.distributed.distributed_c10d.default_pg_timeout = timeout
-        deepspeed.init_distributed(timeout=timeout)
+    try:
+        if timeout_minutes is None:
+            deepspeed.init_distributed()
+        else:
+            timeout = datetime.timedelta(minutes=timeout_minutes)
+            torch.distributed.distributed_c10d.default_pg_timeout = timeout
+            deepspeed.init_distributed(timeout=timeout)
+    except torch.distributed.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        stop(port_in_use(), every_rank=True)
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     release_shared_memory()
+
+
+def port_in_use():
+    """Rank 0's line when the port of the process group's rendezvous is taken, another run's most likely."""
+    port = os.environ["MASTER_PORT"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    return (f"port {port} of {os.environ.get('MASTER_ADDR')} is taken: in use by another run? Give this run a free "
+            f"one: MASTER_PORT={free} (run_ds*.sh, python) or --master_port {free} (deepspeed, torchrun)")
 
 
 def release_shared_memory():
@@ -1522,6 +1612,11 @@ def main(args):
     if reason:
         print(f"cifar10_deepspeed.py: error: {reason}", file=sys.stderr)
         sys.exit(2)
+    gpu_problem = unusable_gpu()
+    if gpu_problem:
+        stop(gpu_problem)
+    if rank == 0:
+        print(accelerator_line())
     fp16_note = allow_fp16(config)
     for note in (config_note, fp16_note, read_offload(config)):
         if note and rank == 0:

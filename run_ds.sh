@@ -6,7 +6,9 @@
 #   NUM_GPUS     ranks per node (default: the launcher's: one per GPU, one per NUMA node on CPU)
 #   HOSTFILE     the hostfile, lines of "<host> slots=<ranks>" (default: the launcher's, /job/hostfile)
 #   MASTER_ADDR  address of the node of rank 0 (default: the launcher's: 127.0.0.1 on one node)
-#   MASTER_PORT  its port (default: the launcher's, 29500); another one lets two runs share a machine
+#   MASTER_PORT  its port (default: a free port on one node, so that two runs can share a machine;
+#                the launcher's 29500 on several, where every node must name the same)
+#   CUDA_VISIBLE_DEVICES  on one node, the GPUs to train on, one rank each, or the first NUM_GPUS of them
 #   LAUNCHER     the launcher to the other nodes: pdsh, openmpi, mvapich, mpich, impi or slurm (default: pdsh)
 #   NODE_RANK    this node's rank, for clusters without ssh: run the same command on every node, each
 #                with its NODE_RANK (DeepSpeed's --no_ssh --node_rank; needs HOSTFILE and MASTER_ADDR)
@@ -30,9 +32,29 @@ if [[ -n "${NODE_RANK:-}" ]]; then
   if [[ -z "${MASTER_ADDR:-}" ]]; then fail "NODE_RANK needs MASTER_ADDR: the address of the node of rank 0"; fi
 fi
 
+one_node=false
+if [[ "${NUM_NODES:-}" == 1 || ( -z "${NUM_NODES:-}" && -z "${NODE_RANK:-}" && ! -f "$hostfile" ) ]]; then
+  one_node=true
+fi
+if [[ -z "${MASTER_PORT:-}" ]] && $one_node; then
+  MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+
 launcher_args=()
-if [[ -n "${NUM_NODES:-}" ]]; then launcher_args+=(--num_nodes "$NUM_NODES"); fi
-if [[ -n "${NUM_GPUS:-}" ]]; then launcher_args+=(--num_gpus "$NUM_GPUS"); fi
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]] && $one_node && [[ ! -f "$hostfile" ]]; then
+  # DeepSpeed's launcher trains on the GPUs CUDA_VISIBLE_DEVICES names only without --num_gpus and --num_nodes:
+  # with either, it trains on GPUs 0 to N-1, another run's perhaps.
+  IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+  if [[ -n "${NUM_GPUS:-}" ]]; then
+    if (( NUM_GPUS > ${#gpus[@]} )); then
+      fail "NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#gpus[@]} GPU(s)"
+    fi
+    CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${gpus[*]:0:NUM_GPUS}")
+  fi
+else
+  if [[ -n "${NUM_NODES:-}" ]]; then launcher_args+=(--num_nodes "$NUM_NODES"); fi
+  if [[ -n "${NUM_GPUS:-}" ]]; then launcher_args+=(--num_gpus "$NUM_GPUS"); fi
+fi
 if [[ -n "${HOSTFILE:-}" ]]; then launcher_args+=(--hostfile "$HOSTFILE"); fi
 if [[ -n "${MASTER_ADDR:-}" ]]; then launcher_args+=(--master_addr "$MASTER_ADDR"); fi
 if [[ -n "${MASTER_PORT:-}" ]]; then launcher_args+=(--master_port "$MASTER_PORT"); fi

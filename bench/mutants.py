@@ -136,6 +136,16 @@ MUTANTS = [
     ("an error every rank meets exits 0", "    leave(1)\n", "    leave(0)\n", [LAUNCH, "-k", "offline"]),
     ("DeepSpeed's /dev/shm buffers are left to fill the host's memory", "    release_shared_memory()\n", "\n",
      [LAUNCH, "-k", "offline"]),
+    # a GPU box
+    ("a GPU torch cannot use trains on the CPU in silence", "    if gpu_problem:\n        stop(gpu_problem)\n", "\n",
+     [LAUNCH, "-k", "torch_cannot_use"]),
+    ("a GPU nvidia-smi lists is not looked for", "if not names and not names_a_gpu:", "if not names_a_gpu:",
+     [LAUNCH, "-k", "driver_older"]),
+    ("the torch for a driver comes from an index one CUDA too new", "if major >= least), None)",
+     "if major + 10 >= least), None)", [LAUNCH, "-k", "driver_older"]),
+    ("a taken port is a traceback", 'if "EADDRINUSE" not in str(e):', "if True:", [LAUNCH, "-k", "taken_port"]),
+    ("the first line does not name the accelerator", "        print(accelerator_line())\n", "\n",
+     [LAUNCH, "-k", "first_line_says"]),
     # the fp16 note and the cores
     ("fp16 is refused where DeepSpeed finds no native support", "accelerator.is_fp16_supported = lambda: True", "pass",
      [CONFIG, "-k", "fp16_runs_everywhere"]),

@@ -2,7 +2,7 @@
 
     python bench/plain_loop.py [-e 2] [--log-interval 50] [--workers N]
 
-One process, fp32. AdamW (DeepSpeed's Adam in its default AdamW mode) with
+One process, fp32, on DeepSpeed's accelerator (a GPU, or the CPU). AdamW (DeepSpeed's Adam in its default AdamW mode) with
 the lr, betas, eps and weight decay of the script's config; its gradient
 clipping (1.0); DeepSpeed's WarmupLR log warm-up as a LambdaLR; the synthetic data on the script's default (tensor)
 data path, batch 16, reshuffled each epoch. Prints the reference's loss
@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
@@ -53,7 +54,8 @@ def main():
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True, num_workers=workers,
                                               persistent_workers=workers > 0,
                                               collate_fn=cifar10_deepspeed.collate_fn(trainset))
-    net = cifar10_deepspeed.Net(net_args)
+    device = get_accelerator().device_name(0)
+    net = cifar10_deepspeed.Net(net_args).to(device)
     config = cifar10_deepspeed.get_ds_config(net_args)
     adam, warmup = config["optimizer"]["params"], config["scheduler"]["params"]
     optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
@@ -62,11 +64,11 @@ def main():
     criterion = nn.CrossEntropyLoss()
 
     for epoch in range(args.epochs):
-        running_loss = torch.zeros(())
+        running_loss = torch.zeros((), device=device)
         interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
             optimizer.zero_grad()
-            loss = criterion(net(cifar10_deepspeed.to_inputs(inputs, "cpu", None)), labels)
+            loss = criterion(net(cifar10_deepspeed.to_inputs(inputs, device, None)), labels.to(device))
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
             optimizer.step()

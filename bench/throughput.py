@@ -2,6 +2,7 @@
 
     python bench/throughput.py [--rounds 2] [--epochs 2]
     python bench/throughput.py --data-paths    # the tensor data path against the PIL path
+    python bench/throughput.py --only "1 (rank|process)" --no-compile   # the rows one GPU runs, without compile
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -28,6 +29,8 @@ import sys
 import tempfile
 import time
 
+from deepspeed.accelerator import get_accelerator
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_INTERVAL = 50
 DATA = ["--dataset", "synthetic", "--dtype", "fp32", "--log-interval", str(LOG_INTERVAL)]
@@ -48,6 +51,7 @@ CONFIGS = [
     ("DeepSpeed, MoE 2 experts top-1, 1 rank, --compile, cache cold", SCRIPT + MOE + ["--compile"], COLD),
     ("DeepSpeed, MoE 2 experts top-1, 1 rank, --compile, cache warm", SCRIPT + MOE + ["--compile"], WARM),
 ]
+DEVICE = get_accelerator().device_name()  # what the runs train on: cuda, or cpu
 THROUGHPUT = re.compile(r"^\[ \d+, +\d+\] (\d+) samples/s, ")
 
 
@@ -93,19 +97,19 @@ def epoch_seconds(cmd, env, epochs):
     return statistics.mean(seconds[1:])
 
 
-def compare_data_paths(rounds, epochs):
+def compare_data_paths(rounds, epochs, runs):
     """The epoch time on the tensor path and on the PIL path, side by side, rounds interleaved: a Markdown table."""
     results = {}
     for _ in range(rounds):
-        for what, cmd, env in DATA_PATH_RUNS:
+        for what, cmd, env in runs:
             for batch, interval in ((16, LOG_INTERVAL), (128, 10)):  # 128: 39 steps an epoch
                 for path in ("tensor", "pil"):
                     flags = ["--batch-size", str(batch), "--log-interval", str(interval), "--data-path", path]
                     results.setdefault((what, batch, path), []).append(epoch_seconds([*cmd, *flags], env, epochs))
-    print(f"| run ({os.cpu_count()} cores, fp32, 5000 images) | batch | tensor path s/epoch | PIL path s/epoch "
+    print(f"| run ({os.cpu_count()} cores, {DEVICE}, fp32, 5000 images) | batch | tensor path s/epoch | PIL path s/epoch "
           "| tensor / PIL |")
     print("| --- | --- | --- | --- | --- |")
-    for what, _, _ in DATA_PATH_RUNS:
+    for what, _, _ in runs:
         for batch in (16, 128):
             tensor, pil = (statistics.median(results[what, batch, path]) for path in ("tensor", "pil"))
             print(f"| {what} | {batch} | {tensor:.2f} | {pil:.2f} | {tensor / pil:.2f} |")
@@ -117,18 +121,23 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data-paths", action="store_true",
                         help="instead: the epoch time on the tensor and the PIL data path, batch 16 and 128")
+    parser.add_argument("--only", default="", help="only the rows whose name matches this regular expression "
+                        "(the plain loop and DeepSpeed's dense 1-rank row, the ratios' bases, always run)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the --compile rows")
     args = parser.parse_args()
+    runs = [config for config in CONFIGS if re.search(args.only, config[0]) or config in CONFIGS[:2]]
+    runs = [config for config in runs if not (args.no_compile and "--compile" in config[1])]
     if args.data_paths:
-        return compare_data_paths(args.rounds, args.epochs)
-    results = {name: [] for name, _, _ in CONFIGS}
-    for _, cmd, env in (config for config in CONFIGS if config[2] is WARM):
+        return compare_data_paths(args.rounds, args.epochs, [run for run in DATA_PATH_RUNS if re.search(args.only, run[0])])
+    results = {name: [] for name, _, _ in runs}
+    for _, cmd, env in (config for config in runs if config[2] is WARM):
         measure(cmd, env, 1)  # fills the warm cache
     for _ in range(args.rounds):
-        for name, cmd, env in CONFIGS:
+        for name, cmd, env in runs:
             results[name].append(measure(cmd, env, args.epochs)[:3])
     plain = statistics.median(run[0] for run in results[CONFIGS[0][0]])
     one_rank = statistics.median(run[0] for run in results[CONFIGS[1][0]])
-    print(f"| configuration ({os.cpu_count()} cores, fp32, batch 16) | samples/s | vs plain PyTorch "
+    print(f"| configuration ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16) | samples/s | vs plain PyTorch "
           "| vs DeepSpeed 1 rank | start-up s | of which launcher s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, runs in results.items():

@@ -31,6 +31,15 @@ MARGIN = 8
 LAUNCHED = []  # (session, command) of every command the tests started
 IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no token, listed after the run
 REACHED = []  # (test, accuracy, least accuracy asked) of every launch that Run.assert_trained checked
+SEGMENTS_BEFORE = pytest.StashKey[dict]()  # DeepSpeed's /dev/shm buffers when the run began
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """A test worker's idle experts and accuracies reach the controller, which prints them at the end."""
+    output = getattr(node, "workeroutput", {})
+    node.config.stash.setdefault(IDLE_EXPERTS, []).extend(output.get("idle_experts", []))
+    REACHED.extend(tuple(row) for row in output.get("reached", []))
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -114,8 +123,10 @@ def start(cmd, cwd, env=None, **popen_args):
 
     The suite checks at its end that none of them is left (no_rank_outlives_the_suite).
     """
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=launch_env(env), start_new_session=True,
-                            text=True, **popen_args)
+    cmd = [str(c) for c in cmd]
+    if Path(cmd[0]).name == "deepspeed" and not any(c.startswith("--master_port") for c in cmd):
+        cmd[1:1] = ["--master_port", free_port()]  # not the launcher's 29500: the other test worker's launch may hold it
+    proc = subprocess.Popen(cmd, cwd=cwd, env=launch_env(env), start_new_session=True, text=True, **popen_args)
     LAUNCHED.append((proc.pid, " ".join(map(str, cmd))))
     return proc
 
@@ -227,17 +238,25 @@ def segments_left_since(before):
     return sorted(name for name, mtime in shared_memory_segments().items() if before.get(name) != mtime)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_launch_leaves_shared_memory():
-    """Fail the session if a launch left a buffer in /dev/shm (and remove them): each holds 66 MB of the
-    host's memory until reboot, and a suite's worth of them filled it."""
-    before = shared_memory_segments()
-    yield
-    left = segments_left_since(before)
+def pytest_sessionstart(session):
+    session.stash[SEGMENTS_BEFORE] = shared_memory_segments()
+
+
+def pytest_sessionfinish(session):
+    """Fail the run if a launch left a buffer in /dev/shm (and remove them): each holds 66 MB of the host's memory
+    until reboot, and a suite's worth of them filled it. Checked once every test worker has finished: a worker's
+    launch in flight holds its buffers for a moment."""
+    if hasattr(session.config, "workerinput"):  # a test worker: the controller checks at the end, and prints these
+        session.config.workeroutput.update(idle_experts=session.config.stash.get(IDLE_EXPERTS, []), reached=REACHED)
+        return
+    left = segments_left_since(session.stash[SEGMENTS_BEFORE])
     for name in left:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/dev/shm/{name}")
-    assert not left, "launches left DeepSpeed's shared memory behind:\n" + "\n".join(left)
+    if left:
+        session.config.get_terminal_writer().line("launches left DeepSpeed's shared memory behind:\n" + "\n".join(left),
+                                                  red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")  # ZeRO-Offload's Adam, ZeRO 0's, shm comm
@@ -294,18 +313,30 @@ def path_without(program, folder):
     return str(folder)
 
 
+# torch's words where the NVIDIA driver is older than the CUDA torch was built for (c10/cuda/CUDAFunctions.cpp).
+DRIVER_TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12020). Please update your GPU driver by "
+                  "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx "
+                  "Alternatively, go to: https://pytorch.org to install a PyTorch version that has been compiled with "
+                  "your version of the CUDA driver.")
+
+
 @pytest.fixture
 def machine(tmp_path):
     """Environment settings that make a launched run see the machine a test asks for (tests/fake_machine).
 
     native_fp16: whether DeepSpeed's CPU accelerator reports native fp16 kernels;
     numactl: whether numactl is installed (a stand-in that runs the command on its cores);
-    cxx: whether torch.compile finds a C++ compiler (False: none, and an empty inductor cache).
+    cxx: whether torch.compile finds a C++ compiler (False: none, and an empty inductor cache);
+    gpu_driver: a GPU box whose torch cannot use CUDA: nvidia-smi lists a GPU with this driver, and torch
+    gives `cuda_error` as its reason (its words for a driver older than its CUDA, by default).
     """
-    def settings(native_fp16=None, numactl=None, cxx=None):
+    def settings(native_fp16=None, numactl=None, cxx=None, gpu_driver=None, cuda_error=DRIVER_TOO_OLD):
         env = {}
-        if native_fp16 is not None or cxx is False:
+        if native_fp16 is not None or cxx is False or gpu_driver:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MACHINE), os.environ.get("PYTHONPATH")]))
+        if gpu_driver:
+            env.update(FAKE_NVIDIA_DRIVER=gpu_driver, FAKE_CUDA_ERROR=cuda_error,
+                       PATH=f"{FAKE_MACHINE / 'gpu'}{os.pathsep}{os.environ['PATH']}")
         if native_fp16 is not None:
             env["FAKE_NATIVE_FP16"] = "1" if native_fp16 else "0"
         if cxx is False:

@@ -1,5 +1,6 @@
 import inspect
 import os
+import socket
 import subprocess
 import sys
 
@@ -60,6 +61,59 @@ def test_reference_flags_parse(parse):
 ])
 def test_valid_mixes_pass(parse, argv, world_size):
     assert reason(parse, *argv, world_size=world_size) is None
+
+
+def launcher_arguments(root, tmp_path, script="run_ds.sh", **env):
+    """What a run script hands DeepSpeed's launcher, from a stand-in that prints its arguments: (arguments, the
+    CUDA_VISIBLE_DEVICES it sees)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "deepspeed").write_text('#!/bin/sh\necho "${CUDA_VISIBLE_DEVICES-unset}"\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "deepspeed").chmod(0o755)
+    proc = start([root / script, "--dataset", "synthetic"], tmp_path,
+                 {"PATH": f"{bin_dir}:{os.environ['PATH']}", "BIND_CORES": "0", **env}, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE)
+    out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0, err
+    visible, *argv = out.splitlines()
+    return argv, visible
+
+
+def option(argv, name):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+@pytest.mark.skipif(os.path.exists("/job/hostfile"), reason="this machine has DeepSpeed's default hostfile")
+def test_one_node_gets_a_free_port_unless_master_port_is_set(root, tmp_path):
+    """The launcher's own default, 29500, would collide with a run already on the machine."""
+    ports = [option(launcher_arguments(root, tmp_path, script)[0], "--master_port")
+             for script in ("run_ds.sh", "run_ds_moe.sh", "run_ds_prmoe.sh")]
+    assert None not in ports and "29500" not in ports
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))  # free: nothing holds it
+    assert option(launcher_arguments(root, tmp_path, MASTER_PORT="29613")[0], "--master_port") == "29613"
+
+
+def test_several_nodes_keep_the_launchers_port(root, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    argv, _ = launcher_arguments(root, tmp_path, NUM_NODES="2", HOSTFILE=str(hostfile))
+    assert option(argv, "--master_port") is None and option(argv, "--num_nodes") == "2"
+
+
+@pytest.mark.skipif(os.path.exists("/job/hostfile"), reason="this machine has DeepSpeed's default hostfile")
+def test_cuda_visible_devices_picks_the_gpus_of_a_run(root, tmp_path):
+    """DeepSpeed's launcher trains on the GPUs CUDA_VISIBLE_DEVICES names only without --num_gpus: the scripts
+    leave it out then, and NUM_GPUS takes the first of those GPUs."""
+    argv, visible = launcher_arguments(root, tmp_path, CUDA_VISIBLE_DEVICES="2,3")
+    assert visible == "2,3" and "--num_gpus" not in argv and "--num_nodes" not in argv
+    argv, visible = launcher_arguments(root, tmp_path, "run_ds_moe.sh", CUDA_VISIBLE_DEVICES="4,5,6,7")
+    assert visible == "4,5" and "--num_gpus" not in argv and "--num_nodes" not in argv  # its NUM_GPUS, 2
+    argv, visible = launcher_arguments(root, tmp_path, NUM_GPUS="2")
+    assert visible == "unset" and option(argv, "--num_gpus") == "2"
+    assert run_script(root, tmp_path, "run_ds.sh", CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="3") == (2, (
+        "run_ds.sh: error: NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=2,3 names 2 GPU(s)\n"))
 
 
 @pytest.mark.parametrize("argv, world_size, expected", [

@@ -19,7 +19,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_SCRIPTS = sorted(ROOT.glob("run_ds*.sh"))
 SHELL = ("bash", "sh", "shell")
 # Files the pages name that are not this project's: DeepSpeed's, or what a run writes.
-NOT_OURS = {"run.json", "eval.json", "real_accelerator.py", "launch.py", "zero_to_fp32.py"}
+NOT_OURS = {"run.json", "eval.json", "real_accelerator.py", "launch.py", "zero_to_fp32.py", "gpu_check.md"}
 OTHER_SETTINGS = {"DS_ACCELERATOR"}  # read by DeepSpeed, not by the run scripts
 
 
@@ -99,7 +99,7 @@ def script_args_and_world(command, tmp_path):
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
         fake = bin_dir / "deepspeed"
-        fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_FILE"\n')
+        fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_FILE"\necho "${CUDA_VISIBLE_DEVICES:-}" > "$ARGV_FILE.gpus"\n')
         fake.chmod(0o755)
         if "HOSTFILE" in env:
             (tmp_path / env["HOSTFILE"]).write_text("worker-0 slots=8\nworker-1 slots=8\n")
@@ -110,6 +110,9 @@ def script_args_and_world(command, tmp_path):
         if run.returncode:
             return None, None, run.stderr.strip().splitlines()[-1]
         rest = ["deepspeed", *(tmp_path / "argv").read_text().splitlines()]
+        gpus = (tmp_path / "argv.gpus").read_text().strip()
+        if gpus and "--num_gpus" not in rest:  # the launcher starts a rank on each GPU CUDA_VISIBLE_DEVICES names
+            rest.insert(1, f"--num_gpus={len(gpus.split(','))}")
     launcher = rest[0]
     for i, token in enumerate(rest[1:], 1):
         if token.endswith(".py") or token.startswith("-m"):

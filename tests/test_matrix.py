@@ -234,9 +234,10 @@ def test_same_seed_gives_the_same_loss_trace_on_either_data_path(checked, cell):
     assert_same_loss_trace(first[cell], again[cell], cell)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: runs the whole matrix on them")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: runs the matrix's cells that fit")
 def test_every_cell_on_cuda(tmp_path):
-    """The whole matrix, every invariant, on CUDA with NCCL (native fp16 and bf16); world 4 with 4 GPUs."""
+    """The matrix, every invariant, on CUDA with NCCL (native fp16 and bf16): world 1 on one GPU, worlds 2 and 4
+    with 2 and 4 GPUs (bench/gpu_check.sh runs it)."""
     worlds = [world for world in WORLDS if world <= torch.cuda.device_count()]
     first, again, learned = {}, {}, {}
     for world in worlds:

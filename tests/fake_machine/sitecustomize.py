@@ -9,6 +9,7 @@ module right after Python executes it:
                               holds url, tgz_md5 and each batch file's md5 (tests/cifar_files.py)
     FAKE_NO_CXX=1             torch.compile's inductor finds no C++ compiler (DeepSpeed's compiled
                               CPU ops still load from their cache)
+    FAKE_CUDA_ERROR=<text>    torch cannot use CUDA, and says <text> when asked why (torch.cuda.init)
 """
 
 import importlib.abc
@@ -36,10 +37,19 @@ def no_cxx_for_inductor(module):
     module.cpp.cxx = (None, "no-such-c++")
 
 
+def cuda_unusable(module):
+    def init():
+        raise RuntimeError(os.environ["FAKE_CUDA_ERROR"])
+
+    module.is_available = lambda: False
+    module.init = init
+
+
 PATCHES = {  # module: (setting, patch)
     "deepspeed.accelerator.cpu_accelerator": ("FAKE_NATIVE_FP16", report_native_fp16),
     "torchvision.datasets.cifar": ("FAKE_CIFAR10", download_from_the_test_server),
     "torch._inductor.config": ("FAKE_NO_CXX", no_cxx_for_inductor),
+    "torch.cuda": ("FAKE_CUDA_ERROR", cuda_unusable),
 }
 
 
