@@ -72,7 +72,7 @@ def learn():
 
 
 def matrix():
-    status, output, seconds = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    status, output, seconds = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                                       "tests/test_matrix.py::test_every_cell_on_cuda"])
     summary = output.strip().splitlines()[-1] if output.strip() else f"exit {status}"
     passed = status == 0 and " passed" in summary  # not skipped: no GPU
@@ -85,8 +85,11 @@ def throughput_rows():
             and "--compile" not in config[1]]
     measured = {}
     for name, cmd, env in rows:
-        measured[name] = throughput.measure(cmd, env, 2)
-    plain = measured[throughput.CONFIGS[0][0]][0]
+        try:
+            measured[name] = throughput.measure(cmd, env, 2)
+        except SystemExit as e:  # the run failed: bench/throughput.py's message, its first line
+            yield ("throughput", name, f"FAILED: {str(e.code).splitlines()[0]}", "-", "-", "-"), False
+    plain = measured.get(throughput.CONFIGS[0][0], (float("nan"),))[0]
     for name, (speed, startup, _, output) in measured.items():
         yield ("throughput", name, f"{speed / plain:.2f}x the plain loop, start-up {startup:.1f} s", f"{speed:.0f}",
                speed_and_memory("".join(output))[1], "-"), True
@@ -95,9 +98,13 @@ def throughput_rows():
 def data_paths():
     for batch, interval in ((16, throughput.LOG_INTERVAL), (128, 10)):
         seconds = {}
-        for path in ("tensor", "pil"):
-            flags = ["--batch-size", str(batch), "--log-interval", str(interval), "--data-path", path]
-            seconds[path] = throughput.epoch_seconds([*throughput.SCRIPT, *flags], {}, 2)
+        try:
+            for path in ("tensor", "pil"):
+                flags = ["--batch-size", str(batch), "--log-interval", str(interval), "--data-path", path]
+                seconds[path] = throughput.epoch_seconds([*throughput.SCRIPT, *flags], {}, 2)
+        except SystemExit as e:
+            yield ("data", f"dense, 1 rank, batch {batch}", f"FAILED: {str(e.code).splitlines()[0]}", "-", "-", "-"), False
+            continue
         yield ("data", f"dense, 1 rank, batch {batch}: tensor path against PIL path",
                f"{seconds['tensor']:.2f} s against {seconds['pil']:.2f} s an epoch "
                f"({seconds['tensor'] / seconds['pil']:.2f})", "-", "-", "-"), True
@@ -157,7 +164,7 @@ def main():
     lines += [f"- {time.perf_counter() - start:.0f} s in all, {failed} failed", "", *header, *rows]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[2:-len(rows) - 2]))
+    print("\n".join(lines[2:-len(rows) - 3]))
     print(f"gpu_check: the table is in {args.out}")
     sys.exit(1 if failed else 0)
 

@@ -24,7 +24,7 @@ deepspeed_pin=$(grep -E '^deepspeed==' "$root/requirements.txt" | cut -d' ' -f1)
 needs=(einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 numpy==2.4.6 packaging==26.4 psutil==7.2.2
        py-cpuinfo==9.0.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
        typing_extensions==4.16.0 tqdm==4.70.1 pytest==9.2.0 pytest-timeout==2.4.0 pluggy==1.7.0 iniconfig==2.3.1
-       Pygments==2.21.0)
+       Pygments==2.21.0 pytest-xdist==3.8.0 execnet==2.1.2)
 
 download() {
   local version="${PYTHON_VERSION:-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')}"
@@ -48,7 +48,7 @@ install() {
   "$python" -c 'import site, sysconfig; print("\n".join(dict.fromkeys(
       [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()])))' \
     > "$("$check_env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/box_packages.pth"
-  "$check_env/bin/python" -m pip install -q --no-index --find-links "$wheels" "$deepspeed_pin" pytest pytest-timeout
+  "$check_env/bin/python" -m pip install -q --no-index --find-links "$wheels" "$deepspeed_pin" pytest pytest-timeout pytest-xdist
   "$check_env/bin/python" -m pip list --format=freeze --path \
     "$("$check_env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > "$check_env/installed.txt"
   "$check_env/bin/python" -c 'import deepspeed, torch; print(f"gpu_check.sh: DeepSpeed {deepspeed.__version__} on torch {torch.__version__}")'
