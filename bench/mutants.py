@@ -144,7 +144,7 @@ MUTANTS = [
     ("the torch for a driver comes from an index one CUDA too new", "if major >= least), None)",
      "if major + 10 >= least), None)", [LAUNCH, "-k", "driver_older"]),
     ("a taken port is a traceback", 'if "EADDRINUSE" not in str(e):', "if True:", [LAUNCH, "-k", "taken_port"]),
-    ("the first line does not name the accelerator", "        print(accelerator_line())\n", "\n",
+    ("the first line does not name the accelerator", "        print(accelerator_line())\n", "        pass\n",
      [LAUNCH, "-k", "first_line_says"]),
     # the fp16 note and the cores
     ("fp16 is refused where DeepSpeed finds no native support", "accelerator.is_fp16_supported = lambda: True", "pass",
