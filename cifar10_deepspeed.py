@@ -1266,15 +1266,19 @@ def accelerator_line():
             f"torch {torch.__version__}, DeepSpeed {deepspeed.__version__}")
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def use_single_process_defaults():
     """Let `python cifar10_deepspeed.py` run as one rank: fill in what a launcher would set."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_SIZE=1, MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=port).items():
+                            MASTER_PORT=free_port()).items():
         os.environ.setdefault(name, str(value))
 
 
@@ -1381,10 +1385,7 @@ def start_distributed(timeout_minutes=None):
 
 def port_in_use():
     """Rank 0's line when the port of the process group's rendezvous is taken, another run's most likely."""
-    port = os.environ["MASTER_PORT"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    port, free = os.environ["MASTER_PORT"], free_port()
     return (f"port {port} of {os.environ.get('MASTER_ADDR')} is taken: in use by another run? Give this run a free "
             f"one: MASTER_PORT={free} (run_ds*.sh, python) or --master_port {free} (deepspeed, torchrun)")
 
