@@ -7,37 +7,36 @@
 
 import argparse
 import os
-import pickle
-import sys
 
+import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from PIL import Image, UnidentifiedImageError
 
-import cifar10_deepspeed
-from cifar10_deepspeed import CLASSES, Net, add_argument, model_argv
-
-
-def fail(message):
-    print(f"predict.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+from cifar10_deepspeed import Net, test
+from cifar10ds import data, launch, machine, model_files
 
 
 def load_model(path, device):
-    """The Net a model file holds, in evaluation mode on `device`."""
+    """The Net a model file holds, in evaluation mode on `device`: built from the flags saved with it."""
     try:
-        exported = torch.load(path, map_location="cpu", weights_only=True)
-        flags, state = exported["model"], exported["state_dict"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no reason given"
-        fail(f"{path} is not a model file of export_model.py ({type(e).__name__}: {reason})")
-    net = Net(add_argument(model_argv(flags)))
-    if flags["moe"]:
-        cifar10_deepspeed.start_distributed()  # DeepSpeed's MoE layers route through an expert group, here of one
+        exported = model_files.read_model_file(path)
+    except model_files.ModelFileError as e:
+        machine.stop(f"predict.py: error: {e}")
+    net = model_files.build_net(Net, exported["model"])
+    if net.moe:  # DeepSpeed's MoE layers route through an expert group, here of one process
+        start_one_process()
         for layer in net.moe_layer_list:
             layer.set_deepspeed_parallelism()
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(exported["state_dict"], strict=True)
     return net.to(device).eval()
+
+
+def start_one_process():
+    """A process group of this one process, which DeepSpeed's MoE layers and test() talk to."""
+    if not deepspeed.comm.is_initialized():
+        launch.use_single_process_defaults()
+        deepspeed.init_distributed()
 
 
 def read_image(path):
@@ -46,7 +45,7 @@ def read_image(path):
         with Image.open(path) as image:
             image = image.convert("RGB").resize((32, 32), Image.BICUBIC)
     except (OSError, UnidentifiedImageError) as e:
-        fail(f"cannot read {path} as an image: {e}")
+        machine.stop(f"predict.py: error: cannot read {path} as an image: {e}")
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
 
 
@@ -63,28 +62,29 @@ def main():
     args = parser.parse_args()
     if not args.test_set and not args.images:
         parser.error("give image files, or --test-set")
-    if not 1 <= args.top_k <= len(CLASSES):
-        parser.error(f"--top-k must be between 1 and {len(CLASSES)}")
+    if not 1 <= args.top_k <= len(data.CLASSES):
+        parser.error(f"--top-k must be between 1 and {len(data.CLASSES)}")
     if not os.path.isfile(args.model):
-        fail(f"no model file {args.model}")
+        machine.stop(f"predict.py: error: no model file {args.model}")
 
     device = get_accelerator().device_name()
     net = load_model(args.model, device)
     if args.test_set:
-        cifar10_deepspeed.start_distributed()  # test() sums its counts over the ranks: here one
-        data = add_argument(["--dataset", args.dataset, "--data-dir", args.data_dir, "--synthetic-test-size",
-                             str(args.synthetic_test_size), "--synthetic-train-size", "1"])
-        _, testset = cifar10_deepspeed.load_data(data)  # downloads CIFAR-10 if missing, or says why not
-        cifar10_deepspeed.test(net, testset, device, None)
+        start_one_process()
+        try:
+            testset = data.test_set(args)
+        except (OSError, RuntimeError) as e:
+            machine.stop(data.not_downloaded(args, e))
+        test(net, testset, device, None)
         return
     images = torch.stack([read_image(path) for path in args.images])
     with torch.no_grad():
-        probabilities = net(cifar10_deepspeed.to_inputs(images, device, None)).softmax(dim=1).cpu()
+        probabilities = net(data.to_inputs(images, device)).softmax(dim=1).cpu()
     for path, p in zip(args.images, probabilities):
         best = p.topk(args.top_k)
-        print(f"{path}: " + ", ".join(f"{CLASSES[i]} {100 * v:.1f} %" for v, i in zip(best.values, best.indices)))
+        print(f"{path}: " + ", ".join(f"{data.CLASSES[i]} {100 * v:.1f} %" for v, i in zip(best.values, best.indices)))
 
 
 if __name__ == "__main__":
-    main()
-    cifar10_deepspeed.leave(0)  # gloo's threads can abort a finalizing interpreter (see the training script)
+    with machine.exit_without_teardown():
+        main()

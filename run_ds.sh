@@ -37,7 +37,7 @@ if [[ "${NUM_NODES:-}" == 1 || ( -z "${NUM_NODES:-}" && -z "${NODE_RANK:-}" && !
   one_node=true
 fi
 if [[ -z "${MASTER_PORT:-}" ]] && $one_node; then
-  MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MASTER_PORT=$(python3 "$(dirname "$0")/cifar10ds/launch.py" free-port)
 fi
 
 launcher_args=()

@@ -23,7 +23,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cifar10_deepspeed import Net, add_argument, release_shared_memory  # noqa: E402
+from cifar10_deepspeed import Net, parse_args  # noqa: E402
+from cifar10ds.fixes import release_shared_memory  # noqa: E402
 
 REPEATS = 300
 
@@ -45,7 +46,7 @@ def main():
     deepspeed.init_distributed()
     release_shared_memory()  # the buffers stay mapped; only their names go
     torch.set_num_threads(1)
-    gradients = sum(p.numel() for p in Net(add_argument(["--deepspeed"])).parameters())
+    gradients = sum(p.numel() for p in Net(parse_args(["--deepspeed"])).parameters())
     dispatch = torch.zeros(2 * 4 * 84)
     rows = []
     for name, numel in (("all_reduce, gradients", gradients), ("all_reduce, gradient norm", 1)):

@@ -12,15 +12,17 @@ microseconds after the last collective, which a loaded CPU sometimes stretches.
 Here rank 1 leaves an all-reduce in flight and rank 0 joins it a few
 milliseconds late, so the worker releases it while rank 1 is exiting. Each
 delay runs twice: rank 1 ending through the interpreter's teardown (as Python
-does) and through os._exit (as cifar10_deepspeed.leave does). Prints how
+does) and through os._exit (as cifar10ds.machine.exit_without_teardown does). Prints how
 many runs of each aborted.
 """
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cifar10ds.launch import free_port  # noqa: E402
 
 RANK_CODE = """
 import os, sys, time
@@ -39,12 +41,6 @@ dist.destroy_process_group()
 if sys.argv[2] == "os._exit":
     os._exit(0)
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_pair(delay, ending):

@@ -16,11 +16,13 @@ backtrace with gdb.
 import argparse
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cifar10ds.launch import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--dataset", "synthetic", "--dtype", "fp32", "-e", "1", "--log-interval", "5",
@@ -38,12 +40,6 @@ FINISHED = {"dense ZeRO 0 (run_ds.sh)": "Accuracy of truck", "MoE EP 2 (run_ds_m
 
 def allow_core_dumps():
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(kind, cwd, keep_cores, timeout):

@@ -1,13 +1,13 @@
-"""Mutation check: does the suite fail when cifar10_deepspeed.py is wrong?
+"""Mutation check: does the suite fail when the script or its package is wrong?
 
     python bench/mutants.py            # every mutant
     python bench/mutants.py --list     # the mutants and their test selections
     python bench/mutants.py -k seed    # the mutants whose name contains "seed"
 
-Each mutant is one exact text replacement in the script, a small deliberate mistake in one of its key
-behaviours, with the tests expected to catch it. For each, the script is copied into a scratch
-checkout (the tracked files), the replacement applied (it must match exactly once), and the selection
-run with pytest. Caught: the selection fails. Survived: it passes. Run by hand, not in CI; TESTING.md
+Each mutant is one exact text replacement in the file it names (cifar10_deepspeed.py or a module of
+cifar10ds/), a small deliberate mistake in one of its key behaviours, with the tests expected to catch it.
+For each, the tracked files are copied into a scratch checkout, the replacement applied (it must match
+exactly once), and the selection run with pytest. Caught: the selection fails. Survived: it passes. Run by hand, not in CI; TESTING.md
 gives the last result.
 """
 
@@ -20,137 +20,147 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = "cifar10_deepspeed.py"
-
 T = "tests/"
-CONFIG, CLI, MODEL, OUTPUT = T + "test_config.py", T + "test_cli.py", T + "test_model.py", T + "test_output.py"
-EQUIVALENCE, LAUNCH, RESUME, WATCH = T + "test_equivalence.py", T + "test_launch.py", T + "test_resume.py", T + "test_watch.py"
+LESSON, OPTIONS, DATA, LAUNCH = T + "test_cifar10_deepspeed.py", T + "test_options.py", T + "test_data.py", T + "test_launch.py"
+MACHINE, FIXES, CHECKPOINTS, METRICS = T + "test_machine.py", T + "test_fixes.py", T + "test_checkpoints.py", T + "test_metrics.py"
+MODEL_FILES = T + "test_model_files.py"
 LAYOUT_EP2 = [T + "test_layouts.py", "-k", "fp32-zero0-top2-w2-ep2-acting"]
+SCRIPT, PACKAGE = "cifar10_deepspeed.py", "cifar10ds/"
+CONFIG, CHECKPOINT, DATASETS, FIX = PACKAGE + "options.py", PACKAGE + "checkpoints.py", PACKAGE + "data.py", PACKAGE + "fixes.py"
+RANKS, ACCELERATOR, LINES, FILES = PACKAGE + "launch.py", PACKAGE + "machine.py", PACKAGE + "metrics.py", PACKAGE + "model_files.py"
 
-# (what the mistake is, the text in the script, what it becomes, the tests that must catch it)
+# (what the mistake is, the file it is in, the text there, what it becomes, the tests that must catch it)
 MUTANTS = [
     # the config
-    ("train_batch_size is not the reference's 16", '"train_batch_size": 16,', '"train_batch_size": 32,', [CONFIG]),
-    ("the learning rate is not the reference's", '"lr": 0.001, "betas"', '"lr": 0.002, "betas"', [CONFIG]),
-    ("gradient clipping is off", '"gradient_clipping": 1.0,', '"gradient_clipping": 0.0,', [CONFIG]),
-    ("--stage is ignored", '"stage": args.stage or 0,', '"stage": 0,', [CONFIG]),
-    ("offload keeps no optimizer on the host", 'zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}',
-     'zero["offload_optimizer"] = {"device": "none", "pin_memory": True}', [CONFIG]),
-    # check_args
-    ("--log-interval 0 is accepted", "if args.log_interval < 1:", "if args.log_interval < 0:", [CLI]),
-    ("MoE with ZeRO 3 is accepted", "    if stage == 3:\n", "    if stage == 4:\n", [CLI]),
-    ("an expert count the EP size does not divide is accepted", "if n < 1 or n % args.ep_world_size:",
-     "if n < 1:", [CLI]),
-    ("a world size the EP size does not divide is accepted", "if world_size % args.ep_world_size:",
-     "if False:", [CLI]),
-    ("RSample with top-2 is accepted", 'args.noisy_gate_policy == "RSample" and args.top_k != 1',
-     'args.noisy_gate_policy == "RSample" and args.top_k != 2', [CLI]),
+    ("train_batch_size is not the reference's 16", SCRIPT, '"train_batch_size": 16,', '"train_batch_size": 32,', [LESSON]),
+    ("the learning rate is not the reference's", SCRIPT, '"lr": 0.001, "betas"', '"lr": 0.002, "betas"', [LESSON]),
+    ("gradient clipping is off", SCRIPT, '"gradient_clipping": 1.0,', '"gradient_clipping": 0.0,', [LESSON]),
+    ("--stage is ignored", SCRIPT, '"stage": args.stage or 0,', '"stage": 0,', [LESSON]),
+    ("offload keeps no optimizer on the host", CONFIG, 'zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}',
+     'zero["offload_optimizer"] = {"device": "none", "pin_memory": True}', [OPTIONS]),
+    # refusals
+    ("--log-interval 0 is accepted", CONFIG, "if args.log_interval < 1:", "if args.log_interval < 0:", [OPTIONS]),
+    ("MoE with ZeRO 3 is accepted", CONFIG, "    if stage == 3:\n", "    if stage == 4:\n", [OPTIONS]),
+    ("an expert count the EP size does not divide is accepted", CONFIG, "if n < 1 or n % args.ep_world_size:",
+     "if n < 1:", [OPTIONS]),
+    ("a world size the EP size does not divide is accepted", CONFIG, "if world_size % args.ep_world_size:",
+     "if False:", [OPTIONS]),
+    ("RSample with top-2 is accepted", CONFIG, 'args.noisy_gate_policy == "RSample" and args.top_k != 1',
+     'args.noisy_gate_policy == "RSample" and args.top_k != 2', [OPTIONS]),
     # Net
-    ("PR-MoE's residual flag inverted", 'use_residual=args.mlp_type == "residual",',
-     'use_residual=args.mlp_type != "residual",', [MODEL]),
-    ("--top-k is ignored", "k=args.top_k,", "k=1,", [MODEL]),
-    ("the dense head is not the reference's", "self.fc3 = nn.Linear(84, 10)", "self.fc3 = nn.Linear(84, 10, bias=False)",
-     [MODEL]),
-    ("no ReLU after fc2", "x = F.relu(self.fc2(x))", "x = self.fc2(x)", [MODEL]),
+    ("PR-MoE's residual flag inverted", SCRIPT, 'use_residual=args.mlp_type == "residual",',
+     'use_residual=args.mlp_type != "residual",', [LESSON]),
+    ("--top-k is ignored", SCRIPT, "k=args.top_k,", "k=1,", [LESSON]),
+    ("the dense head is not the reference's", SCRIPT, "self.fc3 = nn.Linear(84, 10)",
+     "self.fc3 = nn.Linear(84, 10, bias=False)", [LESSON]),
+    ("no ReLU after fc2", SCRIPT, "x = F.relu(self.fc2(x))", "x = self.fc2(x)", [LESSON]),
     # the loss and accuracy lines
-    ("the loss line loses its sign space", "loss: {mean_loss: .3f}", "loss: {mean_loss:.3f}", [OUTPUT]),
-    ("the batch is not right-aligned in 5", "{batch: 5d}]", "{batch: 4d}]", [OUTPUT]),
-    ("the overall accuracy floors", "{100 * sum(class_correct) / total: .0f} %",
-     "{100 * sum(class_correct) // total: .0f} %", [OUTPUT]),
-    ("class names are not right-aligned", 'f"Accuracy of {name:>5s} : {100 * correct', 'f"Accuracy of {name:<5s} : {100 * correct',
-     [OUTPUT]),
-    # ExpertLoad
-    ("the aux loss is not averaged over the ranks", "(self.steps * dist.get_world_size())", "self.steps", [MODEL]),
-    ("expert shares are not normalized", "shares = [(c / c.sum().clamp(min=1)).tolist()", "shares = [c.tolist()",
-     [MODEL]),
+    ("the loss line loses its sign space", LINES, "loss: {mean_loss: .3f}", "loss: {mean_loss:.3f}", [METRICS]),
+    ("the batch is not right-aligned in 5", LINES, "{batch: 5d}]", "{batch: 4d}]", [METRICS]),
+    ("the overall accuracy floors", LINES, "{100 * sum(class_correct) / total: .0f} %",
+     "{100 * sum(class_correct) // total: .0f} %", [METRICS]),
+    ("class names are not right-aligned", LINES, 'f"Accuracy of {name:>5s} : {100 * correct',
+     'f"Accuracy of {name:<5s} : {100 * correct', [METRICS]),
+    # the expert load
+    ("the aux loss is not averaged over the ranks", LINES, "(self.steps * dist.get_world_size())", "self.steps",
+     [METRICS]),
+    ("expert shares are not normalized", LINES, "shares = [(c / c.sum().clamp(min=1)).tolist()", "shares = [c.tolist()",
+     [METRICS]),
     # data
-    ("every rank downloads", "datasets = load_datasets(args, download=first_on_node)",
-     "datasets = load_datasets(args, download=True)", [T + "test_nodes.py", "-k", "download"]),
-    ("--seed does not seed the data order", "trainloader.data_sampler.seed = args.seed", "trainloader.data_sampler.seed = 0",
-     [MODEL]),
-    ("the sampler is not told the epoch", "trainloader.data_sampler.set_epoch(epoch)", "trainloader.data_sampler.set_epoch(0)",
-     [MODEL]),
-    ("--seed builds another model on every rank", "torch.manual_seed(args.seed)  # every rank",
+    ("every rank downloads", SCRIPT, "datasets = data.load_datasets(args, download=first_on_node)",
+     "datasets = data.load_datasets(args, download=True)", [DATA, "-k", "download"]),
+    ("--seed does not seed the data order", DATASETS, "trainloader.data_sampler.seed = args.seed",
+     "trainloader.data_sampler.seed = 0", [LESSON]),
+    ("the sampler is not told the epoch", SCRIPT, "trainloader.data_sampler.set_epoch(epoch)",
+     "trainloader.data_sampler.set_epoch(0)", [LESSON]),
+    ("--seed builds another model on every rank", SCRIPT, "torch.manual_seed(args.seed)  # every rank",
      "torch.manual_seed(args.seed + dist.get_rank())  # every rank", LAYOUT_EP2),
     # evaluation
-    ("sharded evaluation reads rank 0's slice on every rank", "range(dist.get_rank(), len(testset), dist.get_world_size())",
-     "range(0, len(testset), dist.get_world_size())", [LAUNCH, "-k", "sharded"]),
-    ("sharded evaluation is not summed over the ranks", "        dist.all_reduce(class_correct)\n", "\n",
+    ("sharded evaluation reads rank 0's slice on every rank", DATASETS,
+     "range(dist.get_rank(), len(testset), dist.get_world_size())", "range(0, len(testset), dist.get_world_size())",
      [LAUNCH, "-k", "sharded"]),
-    ("can_shard_eval always says yes", "return not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3",
-     "return True", [MODEL]),
+    ("sharded evaluation is not summed over the ranks", SCRIPT, "        dist.all_reduce(class_correct)\n", "\n",
+     [LAUNCH, "-k", "sharded"]),
+    ("can_shard_eval always says yes", SCRIPT,
+     "return not (args.moe and args.ep_world_size > 1) and model_engine.zero_optimization_stage() < 3", "return True",
+     [LESSON]),
     # DeepSpeed's fixes
-    ("fp16 without ZeRO backpropagates the unscaled loss", "grad < scaled / 2, grad * scaler.cur_scale, grad",
-     "grad < scaled / 2, grad, grad", [EQUIVALENCE, "-k", "fp16"]),
-    ("expert gradients counted on their own rank only", "moe_ep_group=name and groups._get_expert_parallel_group(name)",
-     "moe_ep_group=None", LAYOUT_EP2),
+    ("fp16 without ZeRO backpropagates the unscaled loss", FIX, "grad < scaled / 2, grad * scaler.cur_scale, grad",
+     "grad < scaled / 2, grad, grad", [FIXES, "-k", "scaled_loss"]),
+    ("expert gradients counted on their own rank only", FIX,
+     "moe_ep_group=name and groups._get_expert_parallel_group(name)", "moe_ep_group=None", LAYOUT_EP2),
+    ("DeepSpeed's /dev/shm buffers are left to fill the host's memory", FIX, "    release_shared_memory()\n", "\n",
+     [DATA, "-k", "offline"]),
+    ("fp16 is refused where DeepSpeed finds no native support", FIX, "accelerator.is_fp16_supported = lambda: True",
+     "pass", [FIXES, "-k", "fp16_runs_everywhere"]),
+    ("a resumed run starts the host Adam's beta^t from pow()", SCRIPT, "    fixes.replay_host_adam_steps(model_engine)\n",
+     "\n", [CHECKPOINTS, "-k", "evaluated_epoch"]),
     # the tensor data path, batch flags and gradient accumulation
-    ("the tensor path divides by 256", "/ torch.tensor(255.0,", "/ torch.tensor(256.0,", [MODEL, "-k", "tensor_path"]),
-    ("the tensor path's batch is a channels-last view", ".permute(0, 3, 1, 2).contiguous().float()",
-     ".permute(0, 3, 1, 2).float()", [MODEL, "-k", "tensor_path"]),
-    ("the tensor path is not normalized", "        images = transforms.functional.normalize(images, MEAN, STD)\n",
-     "", [MODEL, "-k", "tensor_path"]),
-    ("a batch that does not add up is accepted", "if not micro or not accum or batch != micro * accum * world_size:",
-     "if not micro or not accum:", [CLI, "-k", "batch"]),
-    ("--lr does not reach the warm-up's peak", 'scheduler["warmup_max_lr"] = args.lr', "pass", [CONFIG, "-k", "batch"]),
-    ("the loss line counts micro-batches", "i = micro_step // accumulation", "i = micro_step",
-     [MODEL, "-k", "accumulation"]),
-    ("an optimizer step's loss is its last micro-batch's", "torch.stack(micro_losses).mean()", "micro_losses[-1]",
-     [MODEL, "-k", "accumulation"]),
-    # checkpoints and resume
-    ("--init-from gives every rank the first experts", "f\"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.\")",
-     "f\"deepspeed_experts.{int(match.group(2))}.\")", [T + "test_export_model.py", "-k", "init_from"]),
-    ("a checkpoint records the epoch it finished as the one to redo", '{"epoch": epoch + 1 if step is None else epoch,',
-     '{"epoch": epoch,', [RESUME, "-k", "replays"]),
+    ("the tensor path divides by 256", DATASETS, "/ torch.tensor(255.0,", "/ torch.tensor(256.0,",
+     [DATA, "-k", "tensor_path"]),
+    ("the tensor path's batch is a channels-last view", DATASETS, ".permute(0, 3, 1, 2).contiguous().float()",
+     ".permute(0, 3, 1, 2).float()", [DATA, "-k", "tensor_path"]),
+    ("the tensor path is not normalized", DATASETS,
+     "        images = transforms.functional.normalize(images, MEAN, STD)\n", "", [DATA, "-k", "tensor_path"]),
+    ("a batch that does not add up is accepted", CONFIG,
+     "if not micro or not accum or batch != micro * accum * world_size:", "if not micro or not accum:",
+     [OPTIONS, "-k", "batch"]),
+    ("--lr does not reach the warm-up's peak", CONFIG, 'scheduler["warmup_max_lr"] = args.lr', "pass",
+     [OPTIONS, "-k", "batch"]),
+    ("the loss line counts micro-batches", SCRIPT, "i = micro_step // accumulation", "i = micro_step",
+     [LESSON, "-k", "accumulation"]),
+    ("an optimizer step's loss is its last micro-batch's", SCRIPT, "torch.stack(micro_losses).mean()",
+     "micro_losses[-1]", [LESSON, "-k", "accumulation"]),
+    # checkpoints, resume and preemption
+    ("--init-from gives every rank the first experts", FILES,
+     "f\"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.\")",
+     "f\"deepspeed_experts.{int(match.group(2))}.\")", [MODEL_FILES, "-k", "init_from"]),
+    ("a checkpoint records the epoch it finished as the one to redo", CHECKPOINT,
+     '{"epoch": epoch + 1 if step is None else epoch,', '{"epoch": epoch,', [CHECKPOINTS, "-k", "replays"]),
     ("resume does not restore the random-number state",  # both: on a CPU the accelerator's state is torch's
-     "    set_rng_state(start.rank_state)\n",
-     "    pass\n", [RESUME, "-k", "moe-ep2-zero2-offload"]),
-    ("a run resumed mid-epoch draws the loader's seed again", "            set_rng_state(start.rank_state)  # saved mid",
-     "            pass  # saved mid", [T + "test_preemption.py", "-k", "mid_epoch_prints"]),
-    ("a resumed run starts the host Adam's beta^t from pow()", "    replay_host_adam_steps(model_engine)\n", "\n",
-     [T + "test_preemption.py", "-k", "evaluated_epoch"]),
-    ("a mid-epoch resume starts its epoch from the first sample",
+     CHECKPOINT, "    set_rng_state(start.rank_state)\n", "    pass\n", [CHECKPOINTS, "-k", "moe-ep2-zero2-offload"]),
+    ("a run resumed mid-epoch draws the loader's seed again", SCRIPT,
+     "                checkpoints.set_rng_state(start.rank_state)  # saved mid",
+     "                pass  # saved mid", [CHECKPOINTS, "-k", "mid_epoch_prints"]),
+    ("a mid-epoch resume starts its epoch from the first sample", SCRIPT,
      "trainloader.data_sampler.start = first * accumulation * trainloader.batch_size",
-     "trainloader.data_sampler.start = 0", [T + "test_preemption.py", "-k", "mid_epoch_prints"]),
-    ("a mid-epoch checkpoint drops the log interval in progress", "steps = restore_interval(", "steps = [] or (",
-     [T + "test_preemption.py", "-k", "mid_epoch_prints"]),
-    ("'latest' names a checkpoint before every rank has written it", "    dist.barrier()  # every rank's files are written\n",
-     "\n", [T + "test_preemption.py", "-k", "one_rank"]),
-    ("a preempted rank exits 0", "leave(PREEMPTED if tag else 128 + signum)", "leave(0)",
-     [T + "test_preemption.py", "-k", "one_rank or without_a_save_dir"]),
-    ("--keep-last deletes best", 'for name in ("latest", "best"):', 'for name in ("latest",):',
-     [T + "test_preemption.py", "-k", "keep_last"]),
-    ("resume accepts a checkpoint of another run", "if saved.get(key) != value]", "if False]",
-     [RESUME, "-k", "refused"]),
+     "trainloader.data_sampler.start = 0", [CHECKPOINTS, "-k", "mid_epoch_prints"]),
+    ("a mid-epoch checkpoint drops the log interval in progress", LINES,
+     "self.steps = self.restore(interval) if interval else []", "self.steps = []",
+     [CHECKPOINTS, "-k", "mid_epoch_prints"]),
+    ("'latest' names a checkpoint before every rank has written it", CHECKPOINT,
+     "    dist.barrier()\n    if dist.get_rank() == 0:\n        replace_file(",
+     "    if dist.get_rank() == 0:\n        replace_file(", [CHECKPOINTS, "-k", "one_rank"]),
+    ("a preempted rank exits 0", CHECKPOINT, "status=PREEMPTED)", "status=0)",
+     [CHECKPOINTS, "-k", "one_rank or without_a_save_dir"]),
+    ("--keep-last deletes best", CHECKPOINT, 'for name in ("latest", "best"):', 'for name in ("latest",):',
+     [CHECKPOINTS, "-k", "keep_last"]),
+    ("resume accepts a checkpoint of another run", CHECKPOINT, "if saved.get(key) != value]", "if False]",
+     [CHECKPOINTS, "-k", "refused"]),
     # monitors
-    ("no gradient norm reaches the monitors", 'events += [("Train/Samples/grad_norm", norm, s)', 'events += [("Train/Samples/gradnorm", norm, s)',
-     [WATCH, "-k", "tensorboard_holds"]),
-    ("the printed gradient norm is the last, not the interval's mean", "grad norm {sum(finite) / len(finite):.3f}",
-     "grad norm {finite[-1]:.3f}", [WATCH, "-k", "tensorboard_holds"]),
-    ("--metrics-dir writes nothing", 'config[key] = {"enabled": True, "output_path": folder',
-     'config[key] = {"enabled": False, "output_path": folder', [LAUNCH, "-k", "writes_metrics"]),
-    # compile
-    ("compile_model does not compile", "        model_engine.compile(backend=backend)\n", "\n",
-     [T + "test_compile.py", "-k", "follows_the_eager and dense"]),
-    # stop and leave
-    ("an error every rank meets exits 0", "    leave(1)\n", "    leave(0)\n", [LAUNCH, "-k", "offline"]),
-    ("DeepSpeed's /dev/shm buffers are left to fill the host's memory", "    release_shared_memory()\n", "\n",
-     [LAUNCH, "-k", "offline"]),
-    # a GPU box
-    ("a GPU torch cannot use trains on the CPU in silence", "    if gpu_problem:\n        stop(gpu_problem)\n", "\n",
-     [LAUNCH, "-k", "torch_cannot_use"]),
-    ("a GPU nvidia-smi lists is not looked for", "if not names and not names_a_gpu:", "if not names_a_gpu:",
-     [LAUNCH, "-k", "driver_older"]),
-    ("the torch for a driver comes from an index one CUDA too new", "if major >= least), None)",
-     "if major + 10 >= least), None)", [LAUNCH, "-k", "driver_older"]),
-    ("a taken port is a traceback", 'if "EADDRINUSE" not in str(e):', "if True:", [LAUNCH, "-k", "taken_port"]),
-    ("the first line does not name the accelerator", "        print(accelerator_line())\n", "        pass\n",
-     [LAUNCH, "-k", "first_line_says"]),
-    # the fp16 note and the cores
-    ("fp16 is refused where DeepSpeed finds no native support", "accelerator.is_fp16_supported = lambda: True", "pass",
-     [CONFIG, "-k", "fp16_runs_everywhere"]),
-    ("every rank takes every core", "max(1, len(os.sched_getaffinity(0)) // local_size)", "len(os.sched_getaffinity(0))",
-     [CONFIG, "-k", "share_of_the_cores"]),
+    ("no gradient norm reaches the monitors", LINES, 'events += [("Train/Samples/grad_norm", norm, s)',
+     'events += [("Train/Samples/gradnorm", norm, s)', [METRICS, "-k", "tensorboard_holds"]),
+    ("the printed gradient norm is the last, not the interval's mean", LINES, "grad norm {sum(finite) / len(finite):.3f}",
+     "grad norm {finite[-1]:.3f}", [METRICS, "-k", "tensorboard_holds"]),
+    ("--metrics-dir writes nothing", LINES, 'config[key] = {"enabled": True, "output_path": folder',
+     'config[key] = {"enabled": False, "output_path": folder', [METRICS, "-k", "writes_metrics"]),
+    # the machine
+    ("compile_model does not compile", ACCELERATOR, "        model_engine.compile(backend=backend)\n", "\n",
+     [MACHINE, "-k", "follows_the_eager and dense"]),
+    ("an error every rank meets exits 0", ACCELERATOR, "def stop(line, status=1, every_rank=False):",
+     "def stop(line, status=0, every_rank=False):", [DATA, "-k", "offline"]),
+    ("a GPU torch cannot use trains on the CPU in silence", ACCELERATOR,
+     "    if problem:\n        stop(f\"error: {problem}\")\n", "\n", [MACHINE, "-k", "torch_cannot_use"]),
+    ("a GPU nvidia-smi lists is not looked for", ACCELERATOR, "if not names and not names_a_gpu:",
+     "if not names_a_gpu:", [MACHINE, "-k", "driver_older"]),
+    ("the torch for a driver comes from an index one CUDA too new", ACCELERATOR, "if major >= least), None)",
+     "if major + 10 >= least), None)", [MACHINE, "-k", "driver_older"]),
+    ("a taken port is a traceback", ACCELERATOR, 'if "EADDRINUSE" not in str(e):', "if True:",
+     [LAUNCH, "-k", "taken_port"]),
+    ("the first line does not name the accelerator", ACCELERATOR, "        print(accelerator_line(), flush=True)\n",
+     "        pass\n", [MACHINE, "-k", "first_line_says"]),
+    ("every rank takes every core", RANKS, "max(1, len(os.sched_getaffinity(0)) // local_size)",
+     "len(os.sched_getaffinity(0))", [LAUNCH, "-k", "share_of_the_cores"]),
 ]
 
 
@@ -162,10 +172,11 @@ def scratch_checkout(folder):
         shutil.copy2(ROOT / name, folder / name)
 
 
-def run_mutant(folder, original, old, new, selection, timeout):
-    script = folder / SCRIPT
-    assert original.count(old) == 1, f"the mutant's text is in the script {original.count(old)} times: {old!r}"
-    script.write_text(original.replace(old, new))
+def run_mutant(folder, file, old, new, selection, timeout):
+    path = folder / file
+    original = path.read_text()
+    assert original.count(old) == 1, f"the mutant's text is in {file} {original.count(old)} times: {old!r}"
+    path.write_text(original.replace(old, new))
     start = time.monotonic()
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
@@ -176,7 +187,7 @@ def run_mutant(folder, original, old, new, selection, timeout):
     except subprocess.TimeoutExpired:
         outcome = "caught (timed out)"
     finally:
-        script.write_text(original)
+        path.write_text(original)
     return outcome, time.monotonic() - start
 
 
@@ -188,18 +199,17 @@ def main():
     options = parser.parse_args()
     mutants = [m for m in MUTANTS if options.k in m[0]]
     if options.list:
-        for what, _, _, selection in mutants:
-            print(f"{what}: {' '.join(selection)}")
+        for what, file, _, _, selection in mutants:
+            print(f"{what} ({file}): {' '.join(selection)}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         scratch_checkout(folder)
-        original = (folder / SCRIPT).read_text()
         results = []
-        for what, old, new, selection in mutants:
-            outcome, seconds = run_mutant(folder, original, old, new, selection, options.timeout)
+        for what, file, old, new, selection in mutants:
+            outcome, seconds = run_mutant(folder, file, old, new, selection, options.timeout)
             results.append(outcome)
-            print(f"{outcome:>20s} {seconds:6.0f} s  {what}  [{' '.join(selection)}]", flush=True)
+            print(f"{outcome:>20s} {seconds:6.0f} s  {what} ({file})  [{' '.join(selection)}]", flush=True)
     caught = sum(outcome.startswith("caught") for outcome in results)
     print(f"{caught} caught, {len(results) - caught} survived, of {len(results)} mutants")
 

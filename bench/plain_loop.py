@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
+from cifar10ds import data, machine  # noqa: E402
 
 
 def warmup_lr(step, scheduler):
@@ -47,13 +48,13 @@ def main():
     parser.add_argument("--synthetic-train-size", type=int, default=5000)
     args = parser.parse_args()
 
-    net_args = cifar10_deepspeed.add_argument(["--dataset", "synthetic", "--synthetic-train-size",
-                                               str(args.synthetic_train_size)])
-    trainset, _ = cifar10_deepspeed.load_datasets(net_args, download=False)
-    workers = cifar10_deepspeed.data_loader_workers() if args.workers is None else args.workers
+    net_args = cifar10_deepspeed.parse_args(["--dataset", "synthetic", "--synthetic-train-size",
+                                             str(args.synthetic_train_size)])
+    trainset, _ = data.load_datasets(net_args, download=False)
+    workers = machine.data_loader_workers() if args.workers is None else args.workers
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True, num_workers=workers,
                                               persistent_workers=workers > 0,
-                                              collate_fn=cifar10_deepspeed.collate_fn(trainset))
+                                              collate_fn=data.collate_fn(trainset))
     device = get_accelerator().device_name(0)
     net = cifar10_deepspeed.Net(net_args).to(device)
     config = cifar10_deepspeed.get_ds_config(net_args)
@@ -68,7 +69,7 @@ def main():
         interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
             optimizer.zero_grad()
-            loss = criterion(net(cifar10_deepspeed.to_inputs(inputs, device, None)), labels.to(device))
+            loss = criterion(net(data.to_inputs(inputs, device)), labels.to(device))
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
             optimizer.step()

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from cifar10_deepspeed import CLASSES, SyntheticCIFAR10
+from cifar10ds.data import CLASSES, SyntheticCIFAR10
 from conftest import FAKE_MACHINE
 
 ARCHIVE = "cifar-10-python.tar.gz"

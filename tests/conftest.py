@@ -3,7 +3,6 @@ import csv
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import cifar10_deepspeed  # noqa: E402
+import deepspeed  # noqa: E402
+from cifar10ds.launch import free_port  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 # Any download the script tries goes to a closed local port: the tests never touch the network.
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
@@ -57,23 +59,15 @@ def pytest_terminal_summary(terminalreporter, config):
 @pytest.fixture
 def parse():
     """Parse command-line flags as the script does."""
-    return lambda *argv: cifar10_deepspeed.add_argument(list(argv))
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return lambda *argv: cifar10_deepspeed.parse_args(list(argv))
 
 
 @pytest.fixture(scope="session")
 def single_rank_group():
     """An in-process, one-rank gloo group, for code that talks to deepspeed.comm."""
-    port = free_port()
-    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
         os.environ.setdefault(name, str(value))
-    cifar10_deepspeed.deepspeed.init_distributed()
+    deepspeed.init_distributed()
 
 
 class Run:
@@ -91,11 +85,20 @@ class Run:
         assert match, f"no accuracy line in:\n{self.output[-3000:]}"
         return int(match.group(2))
 
-    def assert_trained(self, min_accuracy):
+    def assert_launched(self):
+        """The launch ran to its end and trained: its loss fell by a tenth from chance's 2.30 (an untrained run
+        stays within 0.02 of it), it finished and printed the accuracy. What a launch test asserts; how well a
+        configuration learns is test_matrix.py's."""
         assert self.returncode == 0, self.output[-3000:]
         losses = self.losses()
-        assert len(losses) >= 2 and losses[-1] < losses[0] * 0.8, f"loss did not fall: {losses}"
+        assert len(losses) >= 2 and losses[-1] < losses[0] * 0.9, f"loss did not fall: {losses}"
         assert "Finished Training" in self.output
+        self.accuracy()
+
+    def assert_trained(self, min_accuracy):
+        """assert_launched, and the test accuracy at least `min_accuracy`: a bound that another CPU's rounding
+        cannot cross (MARGIN)."""
+        self.assert_launched()
         REACHED.append((os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0], self.accuracy(), min_accuracy))
         assert self.accuracy() >= min_accuracy, self.output[-1500:]
 
@@ -125,7 +128,7 @@ def start(cmd, cwd, env=None, **popen_args):
     """
     cmd = [str(c) for c in cmd]
     if Path(cmd[0]).name == "deepspeed" and not any(c.startswith("--master_port") for c in cmd):
-        cmd[1:1] = ["--master_port", free_port()]  # not the launcher's 29500: the other test worker's launch may hold it
+        cmd[1:1] = ["--master_port", str(free_port())]  # not the launcher's 29500: the other test worker's launch may hold it
     proc = subprocess.Popen(cmd, cwd=cwd, env=launch_env(env), start_new_session=True, text=True, **popen_args)
     LAUNCHED.append((proc.pid, " ".join(map(str, cmd))))
     return proc
@@ -293,7 +296,7 @@ def op_cache():
                         f"{errors[-3000:]}", pytrace=False)
         assert build.returncode == 0, f"DeepSpeed's {op} did not build:\n{errors[-3000:]}"
     for op in OPS:
-        cifar10_deepspeed.get_accelerator().create_op_builder(op).load()
+        get_accelerator().create_op_builder(op).load()
 
 
 @pytest.fixture
@@ -318,6 +321,22 @@ DRIVER_TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12
                   "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx "
                   "Alternatively, go to: https://pytorch.org to install a PyTorch version that has been compiled with "
                   "your version of the CUDA driver.")
+
+
+class Accelerator:
+    """DeepSpeed's accelerator as the script asks it, with the answers a test picks."""
+
+    def __init__(self, native_fp16, on_host):
+        self.native_fp16, self.on_host = native_fp16, on_host
+
+    def is_fp16_supported(self):
+        return self.native_fp16
+
+    def is_synchronized_device(self):
+        return self.on_host
+
+    def device_name(self):
+        return "cpu" if self.on_host else "cuda"
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The README and docs/ cannot rot: every command they show is one the script and the run scripts take, or
 refuse with the line the page shows; every setting is one the scripts read; every file and link exists."""
 
+import ast
 import contextlib
 import io
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar10_deepspeed import add_argument, check_args, load_ds_config
+from cifar10_deepspeed import get_ds_config, parse_args
+from cifar10ds.options import check_args, load_ds_config
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -148,8 +150,8 @@ def refusal(argv, world, tmp_path):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.chdir(tmp_path):
         try:
-            args = add_argument(argv)
-            config, _ = load_ds_config(args)
+            args = parse_args(argv)
+            config, _ = load_ds_config(args) if args.deepspeed_config else (get_ds_config(args), None)
         except SystemExit:
             return stderr.getvalue().strip()
         reason = check_args(args, config, world)
@@ -232,3 +234,48 @@ def test_the_offload_page_shows_the_config_it_ships():
     reference = json.loads((ROOT / "ds_config.json").read_text())
     assert {key: value for key, value in shipped.items() if key not in ("fp16", "zero_optimization")} == {
         key: value for key, value in reference.items() if key not in ("fp16", "zero_optimization")}
+
+
+def test_testing_and_benchmarks_stay_short():
+    assert (ROOT / "TESTING.md").stat().st_size <= 12 * 1024
+    assert (ROOT / "BENCHMARKS.md").stat().st_size <= 8 * 1024
+
+
+def project_imports():
+    """Each of the project's Python files (the script, its tools, the package's modules) and the project's modules
+    it imports, as module names."""
+    files = [ROOT / name for name in ("cifar10_deepspeed.py", "export_model.py", "predict.py", "plot_metrics.py")]
+    files += sorted((ROOT / "cifar10ds").glob("*.py"))
+    names = {str(path.relative_to(ROOT).with_suffix("")).replace("/", ".") for path in files}
+    imports = {}
+    for path in files:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        imports[str(path.relative_to(ROOT).with_suffix("")).replace("/", ".")] = found & names
+    return imports
+
+
+def test_the_lesson_reads_top_to_bottom_and_the_package_never_imports_it():
+    """The script is at most 500 lines with deepspeed.initialize in its first half; no module of the package is
+    over 400 lines or imports the script; no file imports one that imports it."""
+    lesson = (ROOT / "cifar10_deepspeed.py").read_text().splitlines()
+    initialize = next(i for i, line in enumerate(lesson, 1) if "deepspeed.initialize(" in line)
+    assert len(lesson) <= 500 and initialize <= len(lesson) / 2, (len(lesson), initialize)
+    for module in (ROOT / "cifar10ds").glob("*.py"):
+        assert len(module.read_text().splitlines()) <= 400, module.name
+    imports = project_imports()
+    assert all("cifar10_deepspeed" not in found for name, found in imports.items() if name.startswith("cifar10ds."))
+
+    def reachable(name):
+        seen, todo = set(), [name]
+        while todo:
+            for found in imports[todo.pop()] - seen:
+                seen.add(found)
+                todo.append(found)
+        return seen
+    for name in imports:
+        assert name not in reachable(name), f"{name} imports a file that imports it"

@@ -19,10 +19,11 @@ import json
 import pytest
 import torch
 
-import export_model
-from cifar10_deepspeed import Net, add_argument, model_argv
+from cifar10_deepspeed import Net
+from cifar10ds import model_files
 
-from conftest import ROOT, free_port, run_command
+from cifar10ds.launch import free_port
+from conftest import ROOT, run_command
 from train_cells import parse_cell
 from train_layouts import CLIPPING, truth_of
 
@@ -155,7 +156,7 @@ def test_the_checkpoint_exports_every_ranks_fp32_masters(trained, layouts_dir, l
     (experts by global id), exactly, and every weight of the Net is there."""
     ranks_of(trained, f"{layout}/{clipping}")  # it trained
     checkpoint = layouts_dir / "checkpoints" / f"{layout}-{clipping}"
-    exported = export_model.export(checkpoint)["state_dict"]
+    exported = model_files.export(checkpoint, Net)["state_dict"]
     held = set()
     for rank in range(parse_cell(layout)[3]):
         masters = torch.load(checkpoint / f"masters-rank{rank}.pt")
@@ -163,5 +164,5 @@ def test_the_checkpoint_exports_every_ranks_fp32_masters(trained, layouts_dir, l
         for name, master in masters.items():
             assert torch.equal(exported[name], master), f"{name} of rank {rank}"
     model = json.loads((checkpoint / "epoch1" / "run.json").read_text())["model"]
-    net = Net(add_argument(model_argv(model)))
+    net = model_files.build_net(Net, model)
     assert held == {name for name, _ in net.named_parameters()}  # PR-MoE's shared residual MLP once, as the optimizer has it

@@ -28,13 +28,13 @@ import cpuinfo
 import deepspeed
 import deepspeed.comm as dist
 import torch
-from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
+from cifar10ds import data, fixes, launch, machine, options  # noqa: E402
 
 MODELS = {
     "dense": [],
@@ -58,7 +58,7 @@ def all_cells():
     """Every cell of the matrix: models x dtypes x stages x (world, EP), without the mixes the script rejects.
 
     World size 4 trains the dense net and the two MoE models the run scripts use (RSample, PR-MoE) with
-    EP 1, 2 and 4. The tutorial's model (8 experts) is trained on 4 ranks by test_nodes.py, not here.
+    EP 1, 2 and 4. The tutorial's model (8 experts) is trained on 4 ranks by test_launch.py, not here.
     """
     moe_worlds = {"top1": ((1, 1), (2, 1), (2, 2)), "top2": ((1, 1), (2, 1), (2, 2)),
                   "rsample": ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)),
@@ -153,15 +153,8 @@ def expert_of(name, net):
 def train_cell(cell, steps, checks, evaluate, data_path):
     """Train one cell; return this rank's record: losses always, `checks` and test accuracy when asked."""
     dtype = parse_cell(cell)[0]
-    args = cifar10_deepspeed.add_argument([*cell_flags(cell, steps), "--data-path", data_path])
-    config = cifar10_deepspeed.get_ds_config(args)
-    reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
-    if reason:
-        raise ValueError(reason)
-    cifar10_deepspeed.allow_fp16(config)
-    model_engine, trainloader, testset = cifar10_deepspeed.initialize(args, config)
-    local_device = get_accelerator().device_name(model_engine.local_rank)
-    target_dtype = cifar10_deepspeed.input_dtype(model_engine)
+    args = cifar10_deepspeed.parse_args([*cell_flags(cell, steps), "--data-path", data_path])
+    model_engine, trainloader, testset = engine_of(args)
     net = model_engine.module
     record = {"losses": [], "loss_scales": [], "applied": []}
 
@@ -169,7 +162,7 @@ def train_cell(cell, steps, checks, evaluate, data_path):
         """The script's train_step, as train() calls it, with what the cell records around it."""
         i = len(record["losses"])
         if dtype == "fp16" and i in OVERFLOW_STEPS:
-            inputs = torch.full_like(cifar10_deepspeed.to_inputs(inputs, "cpu", None), float("inf"))  # non-finite
+            inputs = torch.full_like(data.to_inputs(inputs, "cpu"), float("inf"))  # non-finite
             # activations and gradients
         watched = checks and i in (OVERFLOW_STEPS[0], steps - 1)
         if watched:
@@ -194,11 +187,30 @@ def train_cell(cell, steps, checks, evaluate, data_path):
         record.update(final_state(net, parameter_snapshot(model_engine)["model"]))
     if evaluate:
         class_correct, class_total = cifar10_deepspeed.count_correct(
-            model_engine, testset, local_device, target_dtype, test_batch_size=50,
+            model_engine, testset, model_engine.device, model_engine.get_data_types()[0], test_batch_size=50,
             shard=cifar10_deepspeed.can_shard_eval(args, model_engine))
         record["accuracy"] = 100 * sum(class_correct) / sum(class_total)
     model_engine.destroy()
     return record
+
+
+def start():
+    """The process group of this launch, as the script starts it (DeepSpeed's shared-memory buffers unlinked)."""
+    launch.use_single_process_defaults()
+    deepspeed.init_distributed()
+    fixes.release_shared_memory()
+
+
+def engine_of(args, **settings):
+    """The script's engine for these flags (and config `settings`), as its main() builds it: (engine, training
+    loader, test set)."""
+    config = {**cifar10_deepspeed.get_ds_config(args), **settings}
+    reason = options.check_args(args, config, world_size=dist.get_world_size())
+    if reason:
+        raise ValueError(reason)
+    fixes.allow_fp16(config)
+    trainset, testset = cifar10_deepspeed.load_data(args)
+    return (*cifar10_deepspeed.build_engine(args, config, trainset), testset)
 
 
 def last_step(net, before, after):
@@ -267,7 +279,7 @@ def main():
     parser.add_argument("--local_rank", type=int)
     options = parser.parse_args()
 
-    cifar10_deepspeed.start_distributed()
+    start()
     report = {}
     for cell in options.cells:
         try:
@@ -285,5 +297,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    cifar10_deepspeed.leave(0)  # not the interpreter's teardown, where gloo's threads can abort the process
+    with machine.exit_without_teardown():
+        main()

@@ -7,10 +7,10 @@ tests/test_layouts.py launches it once per world size with DeepSpeed's launcher:
 A layout is a dtype, a ZeRO stage, a model, a world size, an expert-parallel size and offload or
 not (the matrix's cell names, tests/train_cells.py). Each run names a layout and a clipping mode:
 gradient clipping acting at every step, or idle. It trains for --steps steps through the
-script's own get_ds_config, Net, deepspeed.initialize (as `initialize` calls it) and train_step.
+script's own get_ds_config, Net, deepspeed.initialize (as `build_engine` calls it) and train_step.
 
 What makes the layouts comparable with one process (world 1, EP 1) training the same samples:
-- the same initial weights: with --seed every rank builds the same Net (`initialize`), so the
+- the same initial weights: with --seed every rank builds the same Net (`build_engine`), so the
   expert template, which every expert starts as, is one process's;
 - the same samples: each step is 16 samples of the synthetic set, rank r of W training the r-th
   sixteenth-times-W slice of them (16 / W each; DeepSpeed averages over the ranks);
@@ -42,11 +42,11 @@ import deepspeed.comm as dist
 import deepspeed.moe.sharded_moe
 import torch
 import torch.nn as nn
-from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
-from train_cells import MODELS, expert_of, gathered, parameter_snapshot, parse_cell  # noqa: E402
+from cifar10ds import machine  # noqa: E402
+from train_cells import MODELS, engine_of, expert_of, gathered, parameter_snapshot, parse_cell, start  # noqa: E402
 
 GLOBAL_BATCH = 16
 SEED = 0
@@ -119,28 +119,19 @@ def train_layout(layout, clipping, steps, checkpoint=None):
     final parameters. With `checkpoint`, a directory, save there as the script saves an epoch, and this rank's
     fp32 masters beside it (masters-rank<R>.pt), for export_model.py to be checked against."""
     dtype, stage, model, world, ep, offload = parse_cell(layout)
-    args = cifar10_deepspeed.add_argument(layout_flags(layout, steps))
-    config = cifar10_deepspeed.get_ds_config(args)
-    config["gradient_clipping"] = CLIPPING[clipping]
-    reason = cifar10_deepspeed.check_args(args, config, world_size=dist.get_world_size())
-    if reason:
-        raise ValueError(reason)
-    cifar10_deepspeed.allow_fp16(config)
-    model_engine, trainloader, _ = cifar10_deepspeed.initialize(args, config)
+    args = cifar10_deepspeed.parse_args(layout_flags(layout, steps))
+    model_engine, trainloader, _ = engine_of(args, gradient_clipping=CLIPPING[clipping])
     images, labels = samples(trainloader.dataset)
     noise = GateNoise(len(labels), EXPERTS.get(model, []))
     deepspeed.moe.sharded_moe.gumbel_rsample = noise
     initial = master_parameters(model_engine)
-    device = get_accelerator().device_name(model_engine.local_rank)
-    target_dtype = cifar10_deepspeed.input_dtype(model_engine)
     per_rank = GLOBAL_BATCH // dist.get_world_size()
     norms, applied = [], []
     for step in range(steps):
         rows = torch.arange(step * GLOBAL_BATCH + dist.get_rank() * per_rank,
                             step * GLOBAL_BATCH + (dist.get_rank() + 1) * per_rank)
         noise.use(rows)
-        cifar10_deepspeed.train_step(model_engine, nn.CrossEntropyLoss(), images[rows], labels[rows], device,
-                                     target_dtype)
+        cifar10_deepspeed.train_step(model_engine, nn.CrossEntropyLoss(), images[rows], labels[rows])
         norm = model_engine.get_global_grad_norm()
         norms.append(None if norm is None else float(norm))
         applied.append(model_engine.was_step_applied())
@@ -184,7 +175,7 @@ def main():
     parser.add_argument("--local_rank", type=int)
     options = parser.parse_args()
 
-    cifar10_deepspeed.start_distributed()
+    start()
     report = {}
     for key in options.runs:
         layout, clipping = key.split("/")
@@ -210,5 +201,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    cifar10_deepspeed.leave(0)
+    with machine.exit_without_teardown():
+        main()

@@ -1,0 +1,157 @@
+"""What DeepSpeed 0.19.8 gets wrong for this script, fixed at the narrowest point. Each fix says the upstream
+issue, what breaks without it, and when to delete it. The script applies them in two visible calls: prepare()
+after deepspeed.init_distributed (before deepspeed.initialize reads the config), apply() after
+deepspeed.initialize; and replay_host_adam_steps() after load_checkpoint."""
+
+import contextlib
+import os
+
+import deepspeed.comm as dist
+import torch
+import torch.distributed.distributed_c10d
+from deepspeed.accelerator import get_accelerator
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
+from deepspeed.utils import groups
+
+from cifar10ds import options
+
+
+def prepare(config, timeout):
+    """The fixes deepspeed.initialize needs in place: every rank, after deepspeed.init_distributed."""
+    release_shared_memory()
+    give_every_group_the_timeout(timeout)
+    note = allow_fp16(config)
+    if note and dist.get_rank() == 0:
+        print(note, flush=True)
+
+
+def apply(model_engine):
+    """The fixes of the engine deepspeed.initialize returned."""
+    scale_the_fp16_loss(model_engine)
+    clip_by_the_global_norm(model_engine)
+
+
+def release_shared_memory():
+    """Unlink this rank's shared-memory all-reduce buffer, once every rank has mapped every buffer.
+
+    Upstream: deepspeedai/DeepSpeed#4115 (its authors: the named buffers "would only be released when system
+    rebooted"); still so in 0.19.8. Without it: on one node under DeepSpeed's launcher (LOCAL_SIZE =
+    WORLD_SIZE), DeepSpeed's CPU comm op creates a 66 MB /dev/shm segment per rank, named by MASTER_PORT, and
+    never unlinks it, so every launch left them in the host's memory until reboot, and they filled it. The
+    mappings stay valid until the rank exits. Delete when DeepSpeed unlinks them itself (its shm.cpp calls
+    shm_unlink).
+    """
+    dist.barrier()  # every rank's shm_initialize has opened the others' segments
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+def give_every_group_the_timeout(timeout):
+    """Give the process groups DeepSpeed makes (data- and expert-parallel) the timeout of the world group.
+
+    Upstream: none filed; DeepSpeed's utils/groups.py calls torch's new_group() without a timeout, which then
+    takes torch's default, not the one given to deepspeed.init_distributed. Without it: a rank stuck in an
+    expert-parallel all-to-all waits torch's default (30 minutes on gloo), whatever --dist-timeout says.
+    Delete when DeepSpeed passes its timeout to new_group().
+    """
+    torch.distributed.distributed_c10d.default_pg_timeout = timeout
+
+
+def allow_fp16(config):
+    """Run fp16 where DeepSpeed's probe finds no fast fp16 kernels (most CPUs); return rank 0's note on its speed.
+
+    Upstream: deepspeedai/DeepSpeed#7207 (the CPU accelerator's fp16 support follows the CPU's flags). Without
+    it: DeepSpeed refuses fp16 ("Type fp16 is not supported on your device"), so the reference's default,
+    --dtype fp16, crashes on a laptop CPU, where PyTorch computes fp16 all the same. Where the accelerator
+    computes on the host's cores, fp16 trains slower than fp32, native kernels or not (1.5x and 11x measured,
+    BENCHMARKS.md), and the note says so. Delete when DeepSpeed's CPU accelerator runs fp16 everywhere.
+    """
+    accelerator = get_accelerator()
+    if options.config_dtype(config) != "fp16":
+        return None
+    speed = "slower than fp32 (1.5x to 11x measured); pass --dtype fp32 to train faster"
+    if not accelerator.is_fp16_supported():
+        accelerator.is_fp16_supported = lambda: True
+        return (f"note: DeepSpeed finds no native fp16 support on this {accelerator.device_name()}, so fp16 runs "
+                f"as PyTorch emulates it: {speed}")
+    if accelerator.is_synchronized_device():
+        return f"note: fp16 on this {accelerator.device_name()} trains {speed}"
+    return None
+
+
+def scale_the_fp16_loss(model_engine):
+    """Make backward in fp16 without ZeRO scale the loss by the loss scale, which the optimizer's step divides out.
+
+    Upstream: deepspeedai/DeepSpeed#8393. Without it: DeepSpeed's engine.backward scales the loss only for its
+    ZeRO optimizers, and FP16_Optimizer.step divides the gradients by the loss scale all the same, so every
+    update came from gradients 32768 times too small, clipping never acted, and small gradients underflowed.
+    A hook on the loss multiplies the gradient flowing back from it by the loss scale, unless DeepSpeed has
+    already scaled it, so the loss is scaled once. Delete when #8393 is fixed in the pinned DeepSpeed.
+    """
+    if not model_engine.fp16_enabled() or model_engine.zero_optimization():
+        return
+    backward, scaler = model_engine.backward, model_engine.optimizer.loss_scale_config
+
+    def scaled_backward(loss, *args, **kwargs):
+        loss = loss.float()  # as FP16_Optimizer.backward scales it: the scale may pass fp16's largest number
+        scaled = scaler.cur_scale / model_engine.gradient_accumulation_steps()
+        loss.register_hook(lambda grad: torch.where(grad < scaled / 2, grad * scaler.cur_scale, grad))
+        return backward(loss, *args, **kwargs)
+
+    model_engine.backward = scaled_backward
+
+
+def clip_by_the_global_norm(model_engine):
+    """Make gradient clipping in fp32 without ZeRO clip by the global norm, and keep that norm.
+
+    Upstream: deepspeedai/DeepSpeed#8475. Without it: DeepSpeed clips that path (engine.clip_fp32_gradients)
+    with runtime.utils.clip_grad_norm_, which averages each rank's norm over the data-parallel group: right
+    only while every rank holds the same parameters. With expert parallelism each rank holds other experts, so
+    the norm and every clipped step came out wrong; nor does that path keep a norm for get_global_grad_norm().
+    Here the norm is the non-expert gradients' (equal on every rank after the all-reduce) with the expert
+    gradients' squares summed over their expert-parallel group, each expert counted once: one process's.
+    Delete when #8475 is fixed in the pinned DeepSpeed.
+    """
+    def clip_fp32_gradients():
+        grads = {}
+        for p in model_engine.module.parameters():
+            if p.grad is not None:
+                grads.setdefault(p.group_name if is_moe_param(p) else None, []).append(p.grad)
+        squares = [get_global_norm_of_tensors(tensors, mpu=model_engine.mpu,
+                                              moe_ep_group=name and groups._get_expert_parallel_group(name)) ** 2
+                   for name, tensors in grads.items()]
+        norm = torch.stack(squares).sum().sqrt()
+        model_engine._global_grad_norm = norm
+        clip_tensors_by_global_norm([g for tensors in grads.values() for g in tensors],
+                                    model_engine.gradient_clipping(), norm)
+
+    model_engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def replay_host_adam_steps(model_engine):
+    """Give DeepSpeed's Adam that steps on the host (CPU Adam for ZeRO-Offload, the CPU accelerator's fused Adam)
+    the bias correction that the process which saved the checkpoint would use next.
+
+    Upstream: none filed; csrc/includes/cpu_adam.h keeps beta^t as a float32 running product when it steps by
+    one, and takes pow(beta, t) on a jump, as a new process's first step is (since deepspeedai/DeepSpeed#564).
+    Without it: the two differ in the last bits, so a resumed run drifted from the uninterrupted one, and MoE's
+    routing turned that drift into other experts. Stepping a one-element dummy through steps 1 to t repeats the
+    products (2 s per 100,000 steps on 2 CPU cores). Delete when the C++ step computes beta^t one way.
+    """
+    optimizer = model_engine.basic_optimizer
+    steps = max((int(state.get("step", 0)) for state in optimizer.state.values()), default=0)
+    group = optimizer.param_groups[0]
+    args = group["lr"], *group["betas"], group["eps"]
+    dummy = [torch.zeros(1) for _ in range(4)]
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        for step in range(1, steps + 1):
+            optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, *args, group["weight_decay"],
+                                              group["bias_correction"], *dummy)
+    elif isinstance(optimizer, FusedAdam) and group["params"][0].device.type == "cpu":
+        for step in range(1, steps + 1):
+            optimizer.multi_tensor_adam(2048, optimizer._dummy_overflow_buf, [[tensor] for tensor in dummy], *args,
+                                        step, optimizer.adam_w_mode, group["bias_correction"], group["weight_decay"])

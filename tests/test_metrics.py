@@ -1,0 +1,282 @@
+"""cifar10ds/metrics.py: the reference's printed lines, to the character (../shared/REFERENCE.md gives each with
+a worked example); the expert load; throughput and gradient norms on the log lines; DeepSpeed's CSV and
+TensorBoard monitors holding every series and the printed values; the live bar in a terminal."""
+
+import csv
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar10_deepspeed import Net
+from cifar10ds import metrics
+from cifar10ds.data import CLASSES
+from cifar10ds.metrics import accuracy_lines, loss_line
+from conftest import finish, metric, start
+
+
+@pytest.mark.parametrize("epoch, batch, loss, line", [
+    (1, 2000, 2.3041, "[ 1,  2000] loss:  2.304"),
+    (12, 100, 0.5, "[ 12,   100] loss:  0.500"),
+    (1, 50, 2.3084, "[ 1,    50] loss:  2.308"),
+    (30, 3125, 0.0004, "[ 30,  3125] loss:  0.000"),  # the last batch of an epoch of CIFAR-10 on one rank
+])
+def test_loss_line(epoch, batch, loss, line):
+    assert loss_line(epoch, batch, loss) == line
+
+
+def counts(**per_class):
+    """(correct, total) per class, in CLASSES order, from name=(correct, total); other classes 0 of 0."""
+    pairs = [per_class.get(name, (0, 0)) for name in CLASSES]
+    return [c for c, _ in pairs], [t for _, t in pairs]
+
+
+def test_accuracy_lines_of_the_worked_example():
+    others = {name: (1227, 1400) for name in ("bird", "cat", "deer", "dog", "frog", "ship")}
+    correct, total = counts(plane=(71, 100), car=(0, 100), horse=(50, 100), truck=(1228, 1300), **others)
+    assert (sum(correct), sum(total)) == (8711, 10000)
+    lines = accuracy_lines(correct, total)
+    assert lines[0] == "Accuracy of the network on the 10000 test images:  87 %"
+    assert lines[1] == "Accuracy of plane :  71 %"
+    assert lines[2] == "Accuracy of   car :  0 %"
+    assert lines[8] == "Accuracy of horse :  50 %"
+    assert len(lines) == 11
+
+
+@pytest.mark.parametrize("right, of, printed", [
+    (7, 8, " 88"),  # 87.5 %: half to even rounds up to 88
+    (23, 200, " 12"),  # 11.5 %: up to 12
+    (1, 8, " 12"),  # 12.5 %: down to 12
+    (0, 5, " 0"),
+    (5, 5, " 100"),
+    (2, 3, " 67"),  # 66.7 %: rounded, where flooring would give 66
+])
+def test_accuracy_is_rounded_half_to_even_with_a_sign_space(right, of, printed):
+    lines = accuracy_lines(*counts(plane=(right, of)))
+    assert lines[0] == f"Accuracy of the network on the {of} test images: {printed} %"
+    assert lines[1] == f"Accuracy of plane : {printed} %"
+
+
+def test_class_names_are_right_aligned_in_five_characters():
+    lines = accuracy_lines(*counts(**{name: (1, 2) for name in CLASSES}))
+    assert lines[1:] == ["Accuracy of plane :  50 %", "Accuracy of   car :  50 %", "Accuracy of  bird :  50 %",
+                         "Accuracy of   cat :  50 %", "Accuracy of  deer :  50 %", "Accuracy of   dog :  50 %",
+                         "Accuracy of  frog :  50 %", "Accuracy of horse :  50 %", "Accuracy of  ship :  50 %",
+                         "Accuracy of truck :  50 %"]
+
+
+# The expert load
+def test_expert_load_sums_counts_and_averages_aux_loss(single_rank_group, parse):
+    net = Net(parse("--moe", "--num-experts", "2", "4", "--mlp-type", "residual"))
+    load = metrics.ExpertLoad(net, "cpu")
+    net.expert_counts, net.aux_losses = [torch.tensor([3, 1]), torch.tensor([0, 2, 2, 0])], [torch.tensor(1.0),
+                                                                                             torch.tensor(2.0)]
+    load.add(net)
+    net.expert_counts, net.aux_losses = [torch.tensor([4, 0]), torch.tensor([0, 0, 4, 0])], [torch.tensor(3.0),
+                                                                                             torch.tensor(4.0)]
+    load.add(net)
+    shares, aux_losses = load.summarize()
+    assert shares == [[7 / 8, 1 / 8], [0.0, 0.25, 0.75, 0.0]]
+    assert aux_losses == [2.0, 3.0]
+    assert load.steps == 0 and all(c.sum() == 0 for c in load.counts)  # ready for the next interval
+
+
+def test_expert_load_over_two_ranks_is_the_mean_of_every_ranks_aux_loss(single_rank_group, parse, monkeypatch):
+    """Two ranks that saw the same counts and aux losses: the shares and the mean aux loss are one rank's.
+
+    The all-reduce sums the ranks' aux losses, so summarize must divide by the world size as well as the steps;
+    without it the aux loss printed and monitored on 2 ranks is twice the truth.
+    """
+    net = Net(parse("--moe", "--num-experts", "2"))
+    load = metrics.ExpertLoad(net, "cpu")
+    net.expert_counts, net.aux_losses = [torch.tensor([3, 1])], [torch.tensor(1.5)]
+    load.add(net)
+    monkeypatch.setattr(metrics.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # a twin rank's sum
+    monkeypatch.setattr(metrics.dist, "get_world_size", lambda: 2)
+    assert load.summarize() == ([[0.75, 0.25]], [1.5])
+
+
+# A run's lines and monitors
+@pytest.mark.slow
+def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, script, root, tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    run = launch("python", script, "--deepspeed", "--dataset", "synthetic", "--log-interval", "100", "--seed", "0",
+                 "--dtype", "fp32", "-e", "2", "--moe", "--num-experts",
+                 "2", "--moe-aux-loss-coef", "0.01", "--eval-every", "1",
+                 "--metrics-dir", metrics_dir)
+    run.assert_launched()
+    lines = run.output.splitlines()
+    loads = [re.match(r"^\[ \d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss [\d.]+$", line) for line in lines]
+    loads = [m for m in loads if m]
+    speeds = [re.match(r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch, grad norm (\d\.\d{3}), clipped at 1\.0 in "
+                       r"(\d+) of 100 steps, peak cpu memory \d+ MiB$", line) for line in lines]
+    speeds = [m for m in speeds if m]
+    assert len(loads) == len(speeds) == len(run.losses()) == 6  # one of each per log interval
+    assert all(99 <= int(m.group(1)) + int(m.group(2)) <= 101 for m in loads)
+    # The aux loss balances the router over the run: one interval swings with the CPU's rounding (the last one
+    # was 19% 81% on one AMD EPYC and within 70% on another), the mean of the busiest expert's shares does not.
+    assert sum(max(int(m.group(1)), int(m.group(2))) for m in loads) / len(loads) <= 70
+    assert re.search(r"^\[1\] accuracy of the network on the 1000 test images: [\d.]+ %$", run.output, re.M)
+    assert "[2] accuracy" not in run.output  # the last epoch's evaluation is the reference's final test
+
+    folder = metrics_dir / "cifar10"
+    rows = lambda name: list(csv.reader(open(folder / f"{name}.csv")))[1:]
+    assert len(rows("Train_Samples_train_loss")) == len(rows("Train_Samples_lr")) == 626  # every step
+    norms = [float(norm) for _, norm in rows("Train_Samples_grad_norm")]  # every step, before clipping
+    intervals = [norms[i:i + 100] for i in (0, 100, 200, 313, 413, 513)]  # the epoch's last 13 steps are in no line
+    assert [(f"{sum(n) / 100:.3f}", str(sum(x > 1.0 for x in n))) for n in intervals] == [m.groups() for m in speeds]
+    assert len(rows("Train_Samples_samples_per_sec")) == len(rows("MoE_layer0_expert1_share")) == 6
+    assert len(rows("MoE_layer0_aux_loss")) == 6
+    assert f"{float(rows('Eval_accuracy')[-1][1]):.0f}" == str(run.accuracy())  # the final test, as printed (rounded)
+    assert len(rows("Eval_accuracy")) == 2 and len(rows("Train_Epoch_seconds")) == 2
+
+    png = tmp_path / "metrics.png"
+    plot = subprocess.run([sys.executable, root / "plot_metrics.py", metrics_dir, "-o", png], capture_output=True, text=True,
+                          timeout=120)
+    assert plot.returncode == 0, plot.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+
+
+SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--seed", "0", "--synthetic-train-size", "800",
+             "--synthetic-test-size", "200", "--log-interval", "10"]
+
+MOE = ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample", "--moe-aux-loss-coef", "0.01"]
+
+
+def scalars(folder):
+    """Every scalar series in a TensorBoard run folder, read with TensorBoard's own reader: {tag: [(step, value)]}.
+
+    All event files are read in order, and nothing is dropped: a resumed run that wrote a step again would show.
+    """
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def printed(pattern, output):
+    return [match.groups() for match in re.finditer(pattern, output, re.M)]
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_every_csv_series_and_the_printed_values(launch, script, tmp_path):
+    run = launch("python", script, *SYNTHETIC, "--dtype", "fp16", "-e", "2", "--eval-every", "1", *MOE,
+                 "--metrics-dir", tmp_path / "csv", "--tensorboard-dir", tmp_path / "tb")
+    assert run.returncode == 0, run.output[-3000:]
+    board = scalars(tmp_path / "tb" / "cifar10")
+    table = {path.stem: list(metric(tmp_path / "csv", path.stem).items())
+             for path in (tmp_path / "csv" / "cifar10").glob("*.csv")}
+    assert {tag.replace("/", "_") for tag in board} == set(table)  # the same series as the CSV monitor writes
+    assert {"Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/loss_scale", "Train/Samples/samples_per_sec",
+            "MoE/layer0_expert0_share", "MoE/layer0_expert1_share", "MoE/layer0_aux_loss", "Train/Epoch/seconds",
+            "Eval/accuracy", "Train/Samples/grad_norm"} <= set(board)
+    for tag, points in board.items():
+        steps, values = zip(*points)
+        csv_steps, csv_values = zip(*table[tag.replace("/", "_")])
+        assert steps == csv_steps, tag
+        assert values == pytest.approx(csv_values, rel=1e-6), tag  # TensorBoard keeps float32
+
+    losses = [value for _, value in board["Train/Samples/train_loss"]]
+    assert len(losses) == 100 and [step for step, _ in board["Train/Samples/train_loss"]] == list(range(16, 1601, 16))
+    means = [(f"{sum(losses[i:i + 10]) / 10: .3f}",) for i in range(0, 100, 10)]  # a loss line per 10 steps
+    assert printed(r"^\[ \d,  +\d+\] loss: ( \d\.\d{3})$", run.output) == means
+    norms = [value for _, value in board["Train/Samples/grad_norm"]]  # every step's norm before clipping, as printed
+    assert [(f"{sum(norms[i:i + 10]) / 10:.3f}",) for i in range(0, 100, 10)] == printed(
+        r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch, grad norm (\d\.\d{3}), clipped at 1\.0 in \d+ of 10 steps, ", run.output)
+    assert [f"{value:.0f}" for _, value in board["Train/Samples/samples_per_sec"]] == [
+        speed for speed, in printed(r"^\[ \d,  +\d+\] (\d+) samples/s, ", run.output)]
+    shares = zip(board["MoE/layer0_expert0_share"], board["MoE/layer0_expert1_share"], board["MoE/layer0_aux_loss"])
+    assert [(f"{100 * a:.0f}", f"{100 * b:.0f}", f"{aux:.3f}") for (_, a), (_, b), (_, aux) in shares] == printed(
+        r"^\[ \d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss ([\d.]+)$", run.output)
+    accuracy = [value for _, value in board["Eval/accuracy"]]
+    assert printed(r"^\[1\] accuracy of the network on the 200 test images: ([\d.]+) %$", run.output) == [
+        (f"{accuracy[0]:.1f}",)]
+    assert f"{accuracy[1]:.0f}" == str(run.accuracy())
+    assert [step for step, _ in board["Train/Epoch/seconds"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_tensorboard_series(launch, script, tmp_path):
+    cmd = ["python", script, *SYNTHETIC, "--dtype", "fp32", "--save-dir", tmp_path / "ckpt",
+           "--tensorboard-dir", tmp_path / "tb"]
+    first = launch(*cmd, "-e", "1")
+    resumed = launch(*cmd, "-e", "2", "--resume")
+    assert first.returncode == 0 and resumed.returncode == 0, resumed.output[-3000:]
+    board = scalars(tmp_path / "tb" / "cifar10")
+    assert len(list((tmp_path / "tb" / "cifar10").glob("events.out.tfevents.*"))) == 2  # one file per run
+    for tag in ("Train/Samples/train_loss", "Train/Samples/lr"):
+        assert [step for step, _ in board[tag]] == list(range(16, 1601, 16)), tag  # no step lost, none twice
+    assert [step for step, _ in board["Train/Epoch/seconds"]] == [1, 2]
+    assert len(board["Train/Samples/samples_per_sec"]) == 10
+
+
+def run_in_terminal(cmd, cwd):
+    """Run `cmd` with its standard output on a pseudo-terminal of 40 x 120; return what it wrote there."""
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = start(cmd, cwd, stdout=terminal, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    finish(proc, timeout=300)
+    assert proc.returncode == 0, b"".join(chunks).decode()[-3000:]
+    return b"".join(chunks).decode()
+
+
+def screen_lines(output):
+    """The lines a terminal shows for `output`: each carriage return goes back to the line's start, to be
+    written over; trailing blanks dropped."""
+    lines = []
+    for raw in output.replace("\r\n", "\n").split("\n"):
+        line = ""
+        for part in raw.split("\r"):
+            line = part + line[len(part):]
+        lines.append(line.rstrip())
+    return lines
+
+
+def script_lines(lines):
+    """The script's own lines, with the measured numbers (speed, time, memory) blanked."""
+    own = [line for line in lines if line.startswith(("[ ", "Accuracy of", "Finished Training"))]
+    return [re.sub(r"\] \d+ samples/s, [\d.]+ s/epoch, .* peak cpu memory \d+ MiB$", "] N samples/s", line)
+            for line in own]
+
+
+@pytest.mark.slow
+def test_the_bar_advances_in_a_terminal_and_the_printed_lines_stay_as_they_are(script, tmp_path, op_cache):
+    cmd = ["python", script, *SYNTHETIC, "--dtype", "fp32", "-e", "2", *MOE]
+    shown = run_in_terminal(cmd, tmp_path)
+    bars = re.findall(r"\repoch (\d): +\d+%\|[^|]*\| +(\d+)/50 \[[^\]]*\]", shown)
+    for epoch in ("1", "2"):
+        counts = [int(n) for e, n in bars if e == epoch]
+        assert len(set(counts)) >= 3 and counts == sorted(counts) and counts[-1] == 50, bars
+    assert re.search(r"samples/s=\d+, loss=\d\.\d{3}, busiest expert=\d+%\]", shown)
+
+    proc = start(cmd, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    piped = finish(proc, timeout=300)[0]
+    assert proc.returncode == 0 and "\r" not in piped and "\x1b" not in piped
+    assert "epoch 1:" not in piped
+    assert script_lines(screen_lines(shown)) == script_lines(piped.splitlines())
+    assert len(script_lines(piped.splitlines())) == 3 * 10 + 1 + 11  # loss, speed, load; finished; test
+
+
+@pytest.mark.slow
+def test_no_progress_keeps_the_terminal_free_of_the_bar(script, tmp_path, op_cache):
+    shown = run_in_terminal(["python", script, *SYNTHETIC, "--dtype", "fp32", "-e", "1", "--no-progress"], tmp_path)
+    assert "epoch 1:" not in shown and "\r" not in shown.replace("\r\n", "\n")
+    assert len(script_lines(screen_lines(shown))) == 2 * 5 + 1 + 11

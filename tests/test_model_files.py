@@ -1,0 +1,269 @@
+"""cifar10ds/model_files.py and its tools, export_model.py and predict.py: one plain model file from a checkpoint
+of any kind, and what a user does with it: evaluate it, classify images, start a new run from it (--init-from)."""
+
+import argparse
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import cifar10_deepspeed
+import export_model
+import predict
+from cifar10_deepspeed import Net
+from cifar10ds import data, model_files
+from cifar10ds.data import CLASSES
+from conftest import ROOT, metric, run_command
+from test_cifar10_deepspeed import ReferenceNet
+from train_cells import engine_of, parameter_snapshot
+SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size", "8",
+             "--seed", "0", "--log-interval", "100", "-e", "1"]
+
+
+def saved(parse, save_dir, *flags):
+    """Train one epoch in this process and save its checkpoint as the script does; return the engine."""
+    args = parse(*SYNTHETIC, "--save-dir", str(save_dir), *flags)
+    engine, trainloader, testset = engine_of(args)  # fp16 on any CPU, as the script runs it
+    cifar10_deepspeed.train(engine, trainloader, testset, args)
+    return engine
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["export_model.py", str(tmp_path), "-o", str(tmp_path / "model.pt")])
+    with pytest.raises(SystemExit) as exit:
+        export_model.main()
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (f"export_model.py: error: {tmp_path} is not a checkpoint of "
+                                       "cifar10_deepspeed.py: it has neither a 'latest' file nor a run.json\n")
+
+
+def test_the_file_loads_without_deepspeed_into_the_references_names(single_rank_group, parse, tmp_path):
+    """fp16 without ZeRO (the reference's layout), one rank: the file holds FP16_Optimizer's fp32 masters, exactly,
+    and torch.load(weights_only=True) gives a state_dict that a Net built from the file's flags loads, strict."""
+    engine = saved(parse, tmp_path / "ckpt", "--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample",
+                   "--top-k", "1", "--capacity-factor", "1.5")
+    torch.save(model_files.export(tmp_path / "ckpt", Net), tmp_path / "model.pt")
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    named = {names[id(p)]: master for flat, params in zip(engine.optimizer.fp32_groups_flat, engine.optimizer.fp16_groups)
+             for p, master in zip(params, torch._utils._unflatten_dense_tensors(flat, params))}
+    assert exported["state_dict"].keys() == engine.module.state_dict().keys()
+    for name, value in exported["state_dict"].items():
+        assert torch.equal(value, named[name]), name
+    assert exported["model"]["noisy_gate_policy"] == "RSample" and exported["model"]["capacity_factor"] == 1.5
+    assert exported["exported_from"]["dtype"] == "fp16" and exported["exported_from"]["checkpoint"].endswith("epoch1")
+    model_files.build_net(Net, exported["model"]).load_state_dict(exported["state_dict"], strict=True)
+    args = argparse.Namespace(**exported["model"], ep_world_size=1)
+    ReferenceNet(args).load_state_dict(exported["state_dict"], strict=True)  # the reference's own Net, at EP 1
+
+# No dropped tokens: where an expert's capacity drops some, DeepSpeed's gate picks them at random, in eval too.
+MOE = ["--moe", "--num-experts", "2", "--noisy-gate-policy", "RSample", "--top-k", "1", "--no-drop-tokens"]
+TOLERANCE = {"fp32": 1e-5, "bf16": 2 ** -7, "fp16": 2 ** -9}  # of the logits, relative to the largest
+
+
+@pytest.mark.parametrize("flags, source", [
+    (["--dtype", "bf16", "--stage", "0"], "FP16_Optimizer"),
+    (["--dtype", "bf16", "--stage", "0", *MOE], "FP16_Optimizer"),
+    (["--dtype", "fp16", "--stage", "1", *MOE], "each rank's partition"),
+    (["--dtype", "bf16", "--stage", "2", *MOE, "--offload", "cpu"], "each rank's partition"),
+    (["--dtype", "bf16", "--stage", "2"], "zero_to_fp32"),
+    (["--dtype", "fp16", "--stage", "3", "--offload", "cpu"], "zero_to_fp32"),
+    (["--dtype", "fp32", "--stage", "3"], "zero_to_fp32"),
+    (["--dtype", "fp32", "--stage", "2", *MOE], "the run's master weights"),
+], ids=["bf16-zero0", "bf16-zero0-moe", "fp16-zero1-moe", "bf16-zero2-moe-offload", "bf16-zero2", "fp16-zero3-offload",
+        "fp32-zero3", "fp32-zero2-moe"])
+def test_every_checkpoint_kind_exports_the_engines_fp32_masters(single_rank_group, parse, tmp_path, flags, source):
+    """One rank: every weight of the file is the engine's fp32 master of it (train_cells.parameter_snapshot: the
+    optimizer's copy where it keeps one), exactly; in eval mode the file's Net gives the engine's logits on the
+    same images, within the run's dtype's rounding."""
+    engine = saved(parse, tmp_path / "ckpt", *flags)
+    exported = model_files.export(tmp_path / "ckpt", Net)
+    assert source in exported["exported_from"]["weights"]
+    masters = parameter_snapshot(engine)["master"]
+    assert exported["state_dict"].keys() == masters.keys()
+    for name, value in exported["state_dict"].items():
+        assert torch.equal(value, masters[name]), name
+    torch.save(exported, tmp_path / "model.pt")
+    net = predict.load_model(tmp_path / "model.pt", "cpu")
+    engine.eval()
+    images = torch.from_numpy(data.SyntheticCIFAR10(32, train=False).data)
+    with torch.no_grad():
+        expected = engine(data.to_inputs(images, "cpu", engine.get_data_types()[0])).float()
+        logits = net(data.to_inputs(images, "cpu"))
+    dtype = flags[flags.index("--dtype") + 1]
+    assert (logits - expected).abs().max() <= TOLERANCE[dtype] * expected.abs().max()
+
+
+def test_predict_prints_each_images_class_and_probability(single_rank_group, parse, tmp_path, capsys, monkeypatch):
+    """Image files of any size, resized to 32x32: one line each, the Net's likeliest classes and their
+    probabilities, as the Net computes them from the same pixels."""
+    saved(parse, tmp_path / "ckpt", "--dtype", "fp32")
+    torch.save(model_files.export(tmp_path / "ckpt", Net), tmp_path / "model.pt")
+    images = data.SyntheticCIFAR10(2, train=False).data
+    paths = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    Image.fromarray(images[0]).save(paths[0])
+    Image.fromarray(images[1]).resize((96, 64)).save(paths[1], quality=95)
+    monkeypatch.setattr(sys, "argv", ["predict.py", str(tmp_path / "model.pt"), *map(str, paths), "--top-k", "2"])
+    capsys.readouterr()
+    predict.main()
+    lines = capsys.readouterr().out.splitlines()
+    net = predict.load_model(tmp_path / "model.pt", "cpu")
+    pixels = torch.stack([predict.read_image(path) for path in paths])
+    assert torch.equal(pixels[0], torch.from_numpy(images[0]))  # a 32x32 image is read as it is
+    with torch.no_grad():
+        probabilities = net(data.to_inputs(pixels, "cpu")).softmax(dim=1)
+    for path, line, p in zip(paths, lines, probabilities, strict=True):
+        best = p.topk(2)
+        assert line == (f"{path}: {CLASSES[best.indices[0]]} {100 * best.values[0]:.1f} %, "
+                        f"{CLASSES[best.indices[1]]} {100 * best.values[1]:.1f} %")
+
+
+def test_predict_refuses_what_is_not_a_model_file_in_one_line(tmp_path, capsys):
+    (tmp_path / "model.pt").write_text("not a model")
+    with pytest.raises(SystemExit) as exit:
+        predict.load_model(tmp_path / "model.pt", "cpu")
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.startswith(f"predict.py: error: {tmp_path / 'model.pt'} is not a model file of "
+                                              "export_model.py (")
+
+
+def test_init_from_gives_each_expert_parallel_rank_its_experts_by_global_id(single_rank_group, parse, tmp_path,
+                                                                            monkeypatch, capsys):
+    """A model file of EP 1 (4 experts) into a Net of EP 2: rank 1 holds experts 2 and 3 as its local 0 and 1;
+    everything else as the file has it."""
+    flags = ["--moe", "--num-experts", "4", "--noisy-gate-policy", "RSample"]
+    torch.manual_seed(0)
+    source = Net(cifar10_deepspeed.parse_args(flags))
+    with torch.no_grad():  # experts start as copies of one template: make each its own
+        for i, expert in enumerate(source.moe_layer_list[0].deepspeed_moe.experts.deepspeed_experts):
+            expert.weight.add_(i)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "model.pt")
+    monkeypatch.setattr(model_files.dist, "get_rank", lambda: 1)
+    args = parse(*flags, "--ep-world-size", "2", "--init-from", str(tmp_path / "model.pt"))
+    net = Net(args)
+    model_files.init_from(net, args, Net)
+    expected = source.state_dict()
+    for name, value in net.state_dict().items():
+        name = name.replace("deepspeed_experts.1.", "deepspeed_experts.3.").replace("deepspeed_experts.0.",
+                                                                                     "deepspeed_experts.2.")
+        assert torch.equal(value, expected[name]), name
+    assert capsys.readouterr().out == ""  # rank 1 says nothing; rank 0 says what was carried
+
+
+def test_init_from_refuses_weights_of_another_net_in_one_line(single_rank_group, parse, tmp_path, capsys):
+    torch.save({"state_dict": Net(parse()).state_dict()}, tmp_path / "dense.pt")
+    args = parse("--moe", "--num-experts", "2", "--init-from", str(tmp_path / "dense.pt"))
+    with pytest.raises(SystemExit) as exit:
+        model_files.init_from(Net(args), args, Net)
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: --init-from: {tmp_path / 'dense.pt'} does not fit this Net: no weights of the right shape for "
+        "fc4.bias, fc4.weight, moe_layer_list.0.deepspeed_moe.experts.deepspeed_experts.0.bias, "
+        "moe_layer_list.0.deepspeed_moe.experts.deepspeed_experts.0.weight ...; give the model flags it was trained "
+        "with\n")
+
+
+# A checkpoint of 2 ranks with EP 2 in fp16
+
+
+@pytest.fixture(scope="module")
+def ep2_fp16_run(tmp_path_factory, op_cache):
+    """MoE with EP 2 on 2 ranks in fp16 (the reference's dtype, without ZeRO), one epoch of 200 steps, saved."""
+    tmp = tmp_path_factory.mktemp("ep2-fp16")
+    full = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dataset",
+                        "synthetic", "--log-interval", "100", "--seed", "0", "-e", "1", "--synthetic-train-size", "3200",
+                        "--moe", "--ep-world-size", "2", "--num-experts", "2", "--save-dir", tmp / "full"], tmp)
+    assert full.returncode == 0, full.output[-3000:]
+    return SimpleNamespace(tmp=tmp, full=full)
+
+
+@pytest.mark.slow
+def test_a_fp16_checkpoint_exports_its_fp32_masters_with_every_expert_by_its_global_id(ep2_fp16_run):
+    """fp16 without ZeRO, EP 2 on 2 ranks: each weight of the file, rounded to fp16, is the checkpoint's fp16
+    weight of the same name (the master copy the step rounds from), experts included."""
+    run = ep2_fp16_run
+    exported = model_files.export(run.tmp / "full", Net)
+    assert exported["exported_from"]["weights"] == "fp32 master weights (DeepSpeed's FP16_Optimizer's copy)"
+    model = model_files.module_weights(run.tmp / "full" / "epoch1")
+    assert sorted(model) == sorted(exported["state_dict"])
+    assert any("deepspeed_experts.1." in name for name in model)
+    for name, master in exported["state_dict"].items():
+        assert master.dtype == torch.float32
+        assert torch.equal(master.half(), model[name]), name
+    assert any(not torch.equal(master, model[name].float()) for name, master in exported["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(ep2_fp16_run):
+    """The model trained on 2 ranks with EP 2 in fp16, exported, evaluates in one process at EP 1 in fp32 with
+    the run's final accuracy, within what fp16's rounding moves."""
+    run = ep2_fp16_run
+    torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
+    predicted = run_command(["python", ROOT / "predict.py", run.tmp / "model.pt", "--test-set", "--dataset",
+                             "synthetic"], run.tmp)
+    assert predicted.returncode == 0, predicted.output[-3000:]
+    lines = [line for line in predicted.output.splitlines() if line.startswith("Accuracy of")]
+    assert len(lines) == 11 and lines[0].startswith("Accuracy of the network on the 1000 test images: ")
+    assert abs(predicted.accuracy() - run.full.accuracy()) <= 2, (predicted.accuracy(), run.full.accuracy())
+
+
+@pytest.mark.slow
+def test_init_from_the_two_rank_ep2_checkpoint_trains_on_in_one_process(ep2_fp16_run, single_rank_group, parse):
+    """--init-from the killed run's checkpoint (2 ranks, EP 2, fp16) into one rank at EP 1 in fp32: the first step's
+    loss is the exported model's loss on the same batch, every expert in place; then it trains."""
+    run = ep2_fp16_run
+    args = parse("--deepspeed", *SYNTHETIC, "--synthetic-train-size", "64", "--dtype", "fp32", "--moe",
+                 "--num-experts", "2", "--init-from", str(run.tmp / "full"))
+    engine, trainloader, _ = engine_of(args)
+    torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
+    exported = predict.load_model(run.tmp / "model.pt", "cpu").train()
+    images, labels = next(iter(trainloader))
+    inputs, criterion = data.to_inputs(images, "cpu"), torch.nn.CrossEntropyLoss()
+    torch.manual_seed(1)  # the same random token selection in both: top-1 drops tokens past capacity at random
+    expected = criterion(exported(inputs), labels)
+    torch.manual_seed(1)
+    loss = cifar10_deepspeed.train_step(engine, criterion, images, labels)
+    assert loss == expected
+    assert engine.was_step_applied()
+
+
+@pytest.mark.slow
+def test_init_from_a_one_process_model_trains_on_four_ranks_with_ep_4(launch, script, tmp_path, single_rank_group):
+    """A model file of one process (4 experts, each its own) into 4 ranks at EP 4, each rank holding one expert:
+    rank 0's first loss is the file's Net's loss on rank 0's first batch (no token dropped, no gate noise), whose
+    tokens the file's gate sends to at least three of the experts, held on other ranks."""
+    flags = ["--moe", "--num-experts", "4", "--no-drop-tokens"]
+    torch.manual_seed(0)
+    source = Net(cifar10_deepspeed.parse_args(flags))
+    for layer in source.moe_layer_list:
+        layer.set_deepspeed_parallelism()
+    trainset = data.SyntheticCIFAR10(256, train=True)
+    first = list(torch.utils.data.DistributedSampler(trainset, num_replicas=4, rank=0, seed=0))[:32]
+    images, labels = torch.from_numpy(trainset.data[first]), torch.tensor([trainset.targets[i] for i in first])
+    inputs = data.to_inputs(images, "cpu")  # rank 0's first micro-batch of the global 128
+    gate = source.moe_layer_list[0].deepspeed_moe.gate
+    tokens = []
+    hook = gate.register_forward_hook(lambda module, args, out: tokens.append(args[0].reshape(-1, 84)))
+    with torch.no_grad():
+        source(inputs)
+        hook.remove()
+        # The Net's features share one large component, so any gate sends every token to one expert: take it out
+        # of the gate's weights, and each expert its own (they start as copies of one template).
+        mean = tokens[0].mean(dim=0)
+        weight = torch.randn(4, 84)
+        gate.wg.weight.copy_(weight - torch.outer(weight @ mean, mean) / mean.dot(mean))
+        for i, expert in enumerate(source.moe_layer_list[0].deepspeed_moe.experts.deepspeed_experts):
+            expert.weight.mul_(1 + i)
+        routed = (tokens[0] @ gate.wg.weight.T).argmax(dim=1)
+        expected = torch.nn.CrossEntropyLoss()(source(inputs), labels)
+    assert len(set(routed.tolist())) > 2, f"rank 0's tokens reach too few experts for a wrong one to show: {routed}"
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "model.pt")
+    run = launch("deepspeed", "--num_gpus", "4", script, "--deepspeed", *SYNTHETIC, "--synthetic-train-size", "256",
+                 "--batch-size", "128", "-e", "1", "--dtype", "fp32", *flags, "--ep-world-size", "4",
+                 "--init-from", tmp_path / "model.pt", "--metrics-dir", tmp_path / "metrics")
+    assert run.returncode == 0, run.output[-3000:]
+    assert "4 experts, each rank taking its own by global id" in run.output
+    assert list(metric(tmp_path / "metrics", "Train_Samples_train_loss").values())[0] == pytest.approx(
+        expected.item(), rel=1e-6)
