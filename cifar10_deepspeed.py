@@ -244,10 +244,10 @@ def train(model_engine, trainloader, testset, args, start=None):
 def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
     """DeepSpeed's checkpoint of every rank in --save-dir: the finished epoch as epoch<N>, or, `step` steps into
     it, epoch<N>-step<S> with this rank's part of the log interval in progress. Returns the tag."""
-    tag = checkpoints.begin_save(model_engine, args, epoch, step)  # run.json: the run, and the flags of its Net
+    tag = checkpoints.tag_of(epoch, step)
     client_state = checkpoints.client_state(epoch, step, interval)  # the position; every rank's random numbers
-    model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state, save_latest=False)
-    checkpoints.end_save(args, tag)  # 'latest' once every rank's files are complete; --keep-last
+    with checkpoints.saving(model_engine, args, tag):  # run.json, 'latest' when complete; a failed write: one line
+        model_engine.save_checkpoint(args.save_dir, tag=tag, client_state=client_state, save_latest=False)
     return tag
 
 
@@ -312,18 +312,19 @@ def main(args):
     launch.use_single_process_defaults()  # python cifar10_deepspeed.py: one rank, no launcher
     machine.use_share_of_cores()
     timeout = machine.dist_timeout(args)
-    with machine.stop_if_the_port_is_taken():
-        deepspeed.init_distributed(timeout=timeout)
-    get_accelerator().set_device(launch.local_rank())
     fixes.prepare(config, timeout)  # what DeepSpeed gets wrong before deepspeed.initialize: see cifar10ds/fixes.py
+    with machine.stop_if_a_peer_is_lost():  # a rank that died or hangs ends every other with one line
+        with machine.stop_if_the_port_is_taken():
+            deepspeed.init_distributed(timeout=timeout)
+        get_accelerator().set_device(launch.local_rank())
+        options.refuse_what_deepspeed_refuses(config)  # its config checks, before any work
 
-    trainset, testset = load_data(args)
-    model_engine, trainloader = build_engine(args, config, trainset)
-    if args.compile:
-        machine.compile_model(model_engine, args)
-    start = resume(model_engine, args) if args.resume else checkpoints.Position()
+        trainset, testset = load_data(args)
+        model_engine, trainloader = build_engine(args, config, trainset)
+        if args.compile:
+            machine.compile_model(model_engine, args)
+        start = resume(model_engine, args) if args.resume else checkpoints.Position()
 
-    with machine.stop_if_a_peer_is_lost():
         train(model_engine, trainloader, testset, args, start)
         if dist.get_rank() == 0:
             print("Finished Training")

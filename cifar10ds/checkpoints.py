@@ -19,6 +19,7 @@ from cifar10ds import machine, model_files, options
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
 CHECK_EVERY = 10  # optimizer steps between the ranks' agreement on a signal: one small all-reduce
 PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
+SAVE_FAILED = 74  # the exit status of every rank when a checkpoint could not be written (EX_IOERR)
 
 
 @dataclasses.dataclass
@@ -38,15 +39,9 @@ def run_description(args, model_engine):
             "zero_stage": model_engine.zero_optimization_stage()}
 
 
-def begin_save(model_engine, args, epoch, step=None):
-    """The tag of the checkpoint of `epoch` (from 0), finished or `step` steps in; rank 0 writes its run.json
-    first, which says which run saved it and the flags that build its Net (for export_model.py)."""
-    tag = f"epoch{epoch + 1}" if step is None else f"epoch{epoch + 1}-step{step}"
-    if dist.get_rank() == 0:
-        os.makedirs(os.path.join(args.save_dir, tag), exist_ok=True)
-        with open(os.path.join(args.save_dir, tag, "run.json"), "w") as f:
-            json.dump({**run_description(args, model_engine), "model": model_files.model_flags(args)}, f)
-    return tag
+def tag_of(epoch, step=None):
+    """The checkpoint of `epoch` (from 0) finished, epoch<N>, or `step` optimizer steps into it, epoch<N>-step<S>."""
+    return f"epoch{epoch + 1}" if step is None else f"epoch{epoch + 1}-step{step}"
 
 
 def client_state(epoch, step=None, interval=None):
@@ -62,15 +57,75 @@ def client_state(epoch, step=None, interval=None):
     return {"epoch": epoch + 1 if step is None else epoch, "step": step or 0, "rng_states": states}
 
 
-def end_save(args, tag):
-    """Once every rank's files are complete, rank 0 points 'latest' at `tag`, atomically (DeepSpeed would write it
-    as soon as rank 0's own are, so a kill at the wrong moment left a 'latest' that does not load); then
-    --keep-last prunes."""
-    dist.barrier()
+@contextlib.contextmanager
+def saving(model_engine, args, tag):
+    """Around DeepSpeed's save_checkpoint on every rank: rank 0 writes run.json first (the run that saved it, and
+    the flags that build its Net), then 'latest' once every rank's files are complete, atomically (DeepSpeed
+    writes it as soon as rank 0's own are: a kill at the wrong moment left a 'latest' that does not load); then
+    --keep-last prunes.
+
+    A write that fails on any rank (a full disk, an I/O error) removes the partial checkpoint and stops every rank
+    together with one line: nothing finished is lost, and 'latest' still names the last complete checkpoint.
+    DeepSpeed's save has collectives between its writes, so a rank whose write raised would leave the others
+    waiting there: its writes (checkpoint_engine.save, and the recovery scripts it copies into ZeRO checkpoints)
+    record the failure instead, every rank runs the save to its end, and then the ranks agree.
+    """
+    failures = []
+
+    def recorded(write):
+        def write_or_record(*args, **kwargs):
+            if not failures:  # after one failure, nothing more is written
+                try:
+                    write(*args, **kwargs)
+                except OSError as e:
+                    failures.append(e)
+        return write_or_record
+
+    folder = os.path.join(args.save_dir, tag)
     if dist.get_rank() == 0:
-        replace_file(os.path.join(args.save_dir, "latest"), tag)
-        if args.keep_last:
-            prune_checkpoints(args.save_dir, args.keep_last)
+        recorded(write_run_json)(folder, {**run_description(args, model_engine), "model": model_files.model_flags(args)})
+    writers = ((model_engine.checkpoint_engine, "save"), (model_engine, "_copy_recovery_script"))
+    originals = [getattr(owner, name) for owner, name in writers]
+    for (owner, name), write in zip(writers, originals):
+        setattr(owner, name, recorded(write))
+    try:
+        yield
+    finally:
+        for (owner, name), write in zip(writers, originals):
+            setattr(owner, name, write)
+    stop_if_any_failed(failures, args.save_dir, tag)
+    if dist.get_rank() == 0:
+        recorded(replace_file)(os.path.join(args.save_dir, "latest"), tag)
+    stop_if_any_failed(failures, args.save_dir, tag)
+    if dist.get_rank() == 0 and args.keep_last:
+        prune_checkpoints(args.save_dir, args.keep_last)
+
+
+def write_run_json(folder, run):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "run.json"), "w") as f:
+        json.dump(run, f)
+
+
+def stop_if_any_failed(failures, save_dir, tag):
+    """Every rank says whether a write of checkpoint `tag` failed; if one did, rank 0 removes the checkpoint and
+    every rank stops with SAVE_FAILED and one line naming it, the reason and what --resume will continue from."""
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, failures[0].strerror or str(failures[0]) if failures else None)
+    reason = next((reason for reason in reasons if reason), None)
+    if reason is None:
+        return
+    folder = os.path.join(save_dir, tag)
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    latest = os.path.join(save_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            resumes = f"--resume continues from {os.path.join(save_dir, f.read().strip())}"
+    else:
+        resumes = f"{save_dir} holds no complete checkpoint yet"
+    machine.stop(f"error: could not save checkpoint {folder} ({reason}); removed it, and {resumes}",
+                 status=SAVE_FAILED)
 
 
 def replace_file(path, text):
@@ -102,25 +157,34 @@ def prune_checkpoints(save_dir, keep):
 
 
 def mark_best(save_dir, tag, accuracy):
-    """Point the link 'best' at `tag` if its test accuracy beats best's (kept in each tag's eval.json); rank 0."""
+    """Point the link 'best' at `tag` if its test accuracy beats best's (kept in each tag's eval.json); rank 0.
+    Where the disk cannot take it, 'best' stays as it was, and rank 0 says so: training goes on."""
     if dist.get_rank():
         return
-    with open(os.path.join(save_dir, tag, "eval.json"), "w") as f:
-        json.dump({"accuracy": accuracy}, f)
     best = os.path.join(save_dir, "best")
     try:
         with open(os.path.join(best, "eval.json")) as f:
             if json.load(f)["accuracy"] >= accuracy:
-                return
+                best = None
     except (OSError, ValueError, KeyError):
         pass  # no best yet, or one that cannot be read: this one is best
-    os.symlink(tag, f"{best}.tmp")
-    os.replace(f"{best}.tmp", best)
+    try:
+        with open(os.path.join(save_dir, tag, "eval.json"), "w") as f:
+            json.dump({"accuracy": accuracy}, f)
+        if best:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{best}.tmp")
+            os.symlink(tag, f"{best}.tmp")
+            os.replace(f"{best}.tmp", best)
+    except OSError as e:
+        print(f"warning: could not mark {os.path.join(save_dir, tag)} as the best checkpoint ({e.strerror}); 'best' "
+              f"stays as it was", flush=True)
 
 
 def latest(args, model_engine):
-    """The checkpoint --resume continues from: the one 'latest' names in --save-dir, if it fits this run; None
-    where --resume auto finds none. Anything else stops every rank with one line."""
+    """The checkpoint --resume continues from: the one 'latest' names in --save-dir, if it fits this run and every
+    file of it reads as data alone (model_files.load); None where --resume auto finds none. Anything else stops
+    every rank with one line."""
     path = os.path.join(args.save_dir, "latest")
     if not os.path.isfile(path):
         if args.resume == "auto":
@@ -143,6 +207,10 @@ def latest(args, model_engine):
                      f"resume with its settings, or save to another --save-dir"
                      + (f"; to train on from its weights in this layout, start a new run with --init-from {path}"
                         if set(changed_keys) <= {"world_size", "ep_world_size", "zero_stage", "dtype"} else ""))
+    try:
+        model_files.check_files(path)  # the safe way first: DeepSpeed's load_checkpoint reads with weights_only=False
+    except model_files.ModelFileError as e:
+        machine.stop(f"error: --resume: {e}")
     return path
 
 

@@ -1,12 +1,10 @@
 """What DeepSpeed 0.19.8 gets wrong for this script, fixed at the narrowest point. Each fix says the upstream
 issue, what breaks without it, and when to delete it. The script applies them in two visible calls: prepare()
-after deepspeed.init_distributed (before deepspeed.initialize reads the config), apply() after
-deepspeed.initialize; and replay_host_adam_steps() after load_checkpoint."""
+before deepspeed.init_distributed, apply() after deepspeed.initialize; and replay_host_adam_steps() after
+load_checkpoint."""
 
-import contextlib
-import os
+import importlib
 
-import deepspeed.comm as dist
 import torch
 import torch.distributed.distributed_c10d
 from deepspeed.accelerator import get_accelerator
@@ -15,15 +13,15 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
 from deepspeed.utils import groups
 
-from cifar10ds import options
+from cifar10ds import launch, options
 
 
 def prepare(config, timeout):
-    """The fixes deepspeed.initialize needs in place: every rank, after deepspeed.init_distributed."""
-    release_shared_memory()
+    """The fixes deepspeed.init_distributed and deepspeed.initialize need in place: every rank, before the first."""
+    skip_the_shared_memory_all_reduce()
     give_every_group_the_timeout(timeout)
     note = allow_fp16(config)
-    if note and dist.get_rank() == 0:
+    if note and launch.rank() == 0:
         print(note, flush=True)
 
 
@@ -33,21 +31,18 @@ def apply(model_engine):
     clip_by_the_global_norm(model_engine)
 
 
-def release_shared_memory():
-    """Unlink this rank's shared-memory all-reduce buffer, once every rank has mapped every buffer.
+def skip_the_shared_memory_all_reduce():
+    """Keep DeepSpeed from building and starting its shared-memory all-reduce, which training never calls.
 
     Upstream: deepspeedai/DeepSpeed#4115 (its authors: the named buffers "would only be released when system
-    rebooted"); still so in 0.19.8. Without it: on one node under DeepSpeed's launcher (LOCAL_SIZE =
-    WORLD_SIZE), DeepSpeed's CPU comm op creates a 66 MB /dev/shm segment per rank, named by MASTER_PORT, and
-    never unlinks it, so every launch left them in the host's memory until reboot, and they filled it. The
-    mappings stay valid until the rank exits. Delete when DeepSpeed unlinks them itself (its shm.cpp calls
-    shm_unlink).
+    rebooted"); still so in 0.19.8, whose shm.cpp also waits for every peer's buffer with no timeout. Without
+    it: on one node (LOCAL_SIZE = WORLD_SIZE) every rank compiles the op on a first run, creates a 66 MB /dev/shm
+    buffer named by MASTER_PORT that outlives the run, and spins for ever where a peer died before making its
+    own, or where another process removed it. Only inference_all_reduce (DeepSpeed's inference engine) uses it,
+    and falls back to the process group's all-reduce without it. Delete when DeepSpeed builds it on demand.
     """
-    dist.barrier()  # every rank's shm_initialize has opened the others' segments
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name)
+    # deepspeed.comm re-exports torch itself under the name of this module: import the module by its full name
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def give_every_group_the_timeout(timeout):

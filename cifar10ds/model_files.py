@@ -6,12 +6,16 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import re
 
 import deepspeed.comm as dist
 import torch
 from deepspeed.moe.utils import is_moe_param
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import groups
+from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from cifar10ds import machine
@@ -24,6 +28,35 @@ MODEL_FLAGS = ("moe", "num_experts", "mlp_type", "top_k", "min_capacity", "noisy
 
 class ModelFileError(Exception):
     """A checkpoint or model file that cannot be read as one of this project's, and why."""
+
+
+# What DeepSpeed's checkpoints of this script hold beyond tensors and Python's plain types (the loss scaler of fp16
+# and bf16 ZeRO, ZeRO's stage, where each parameter lies in a ZeRO partition), found by reading every checkpoint
+# kind: allowed by name when a file is read, and nothing else.
+ALLOWED = [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load(path):
+    """A checkpoint or model file's content, read with weights_only: no code in it runs, and a file that wants
+    anything but tensors, Python's plain types and ALLOWED is refused, naming the type it wanted."""
+    try:
+        with torch.serialization.safe_globals(ALLOWED):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL (\S+)", str(e))
+        if wanted:
+            raise ModelFileError(f"{path} wants {wanted.group(1)} to be loaded, which no checkpoint of this script "
+                                 f"holds: refused unread, as loading it could run its code")
+        raise ModelFileError(f"cannot read {path}: not a file torch.save wrote ({machine.first_line(e)})")
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # missing, truncated, not torch.save's
+        raise ModelFileError(f"cannot read {path}: {type(e).__name__}: {machine.first_line(e)}")
+
+
+def check_files(folder):
+    """Read every file of a checkpoint the safe way (load), before DeepSpeed's load_checkpoint or zero_to_fp32,
+    which read them with weights_only=False, open any. Raises ModelFileError."""
+    for path in sorted(glob.glob(os.path.join(folder, "*.pt"))):
+        load(path)
 
 
 def model_flags(args):
@@ -74,11 +107,10 @@ def module_weights(folder):
     """The model's weights as the checkpoint's model files hold them: the non-expert module from
     mp_rank_00_model_states.pt, each expert from its layer_<L>_expert_<E> file, keyed by global expert id."""
     try:
-        state = dict(torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
-                                weights_only=False)["module"])
+        state = dict(load(os.path.join(folder, "mp_rank_00_model_states.pt"))["module"])
         for path in sorted(glob.glob(os.path.join(folder, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-            state.update(torch.load(path, map_location="cpu", weights_only=False))
-    except (OSError, KeyError, RuntimeError) as e:
+            state.update(load(path))
+    except (KeyError, TypeError) as e:
         raise ModelFileError(f"cannot read the model files of {folder}: {type(e).__name__}: {e}")
     return state
 
@@ -94,6 +126,7 @@ def weights(save_dir, tag, run, net, Net):
         return partitioned_masters(folder, run, net), "fp32 master weights (each rank's partition, joined here)"
     # ZeRO-3's model files hold no weights, and ZeRO's fp32 masters are partitioned over the ranks:
     # DeepSpeed's zero_to_fp32 joins them.
+    check_files(folder)  # zero_to_fp32 reads them with weights_only=False
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
     except Exception as e:  # DeepSpeed raises many kinds; any of them means the files are not all there
@@ -114,13 +147,13 @@ def partitioned_masters(folder, run, net):
     for rank in range(run["world_size"]):
         path = os.path.join(folder, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            state = load(path)["optimizer_state_dict"]
             for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"],
                                      strict=True):
                 for name, address in mapping.items():
                     name = global_expert_name(name, rank % ep, ep, run["model"]["num_experts"])
                     pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
-        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"cannot read the fp32 master weights in {path}: {type(e).__name__}: {e}")
     shapes = {name: p.shape for name, p in net.named_parameters()}
     masters = {}
@@ -145,9 +178,8 @@ def fp16_masters(folder, run, Net):
                                                                    for r in range(ep)]
     for rank, file in enumerate(files):
         try:
-            flats = torch.load(os.path.join(folder, file), map_location="cpu", weights_only=False)["optimizer"][
-                "fp32_groups_flat"]
-        except (OSError, KeyError, RuntimeError, TypeError) as e:
+            flats = load(os.path.join(folder, file))["optimizer"]["fp32_groups_flat"]
+        except (KeyError, TypeError) as e:
             raise ModelFileError(f"cannot read the fp32 master weights in {os.path.join(folder, file)}: "
                                  f"{type(e).__name__}: {e}")
         flat = torch.cat([f.flatten() for f in flats[1:]]) if len(flats) > 1 else torch.empty(0)
@@ -200,12 +232,9 @@ def export(path, Net):
 
 def read_model_file(path, keys=("model", "state_dict")):
     """The dict export() made (or one with the `keys` asked for), from a file: no code in it is run (weights_only)."""
-    try:
-        exported = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(exported, dict) or not set(keys) <= exported.keys():
-            raise KeyError(" and ".join(keys))
-    except Exception as e:  # torch.load raises many kinds; any of them means this is no model file
-        raise ModelFileError(f"{path} is not a model file of export_model.py ({type(e).__name__}: {machine.first_line(e)})")
+    exported = load(path)
+    if not isinstance(exported, dict) or not set(keys) <= exported.keys():
+        raise ModelFileError(f"{path} is not a model file of export_model.py: it holds no {' and '.join(keys)}")
     return exported
 
 

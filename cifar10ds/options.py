@@ -2,8 +2,14 @@
 refused before any work (docs/config.md, docs/offload.md)."""
 
 import argparse
+import copy
 import json
+import logging
 import os
+import tempfile
+
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.utils import logger
 
 from cifar10ds import launch, machine
 
@@ -186,8 +192,15 @@ def load_ds_config(args):
     """The config of a --deepspeed_config file, with --dtype and --stage, where given, over its values, and the
     other flags written in; and a line saying where its dtype and stage came from. --offload cpu adds
     ZeRO-Offload to a file that has none (check_args refuses one that contradicts it)."""
-    with open(args.deepspeed_config) as f:
-        config = json.load(f)
+    try:
+        with open(args.deepspeed_config) as f:
+            config = json.load(f)
+    except OSError as e:
+        refuse(f"cannot read --deepspeed_config {args.deepspeed_config}: {e.strerror}")
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        refuse(f"--deepspeed_config {args.deepspeed_config} is not JSON: {e}")
+    if not isinstance(config, dict):
+        refuse(f"--deepspeed_config {args.deepspeed_config} is not a JSON object of DeepSpeed's settings")
     notes = []
     if args.dtype is not None and args.dtype != config_dtype(config):
         notes.append(f"--dtype {args.dtype} overrides its {config_dtype(config)}")
@@ -281,12 +294,50 @@ def check_moe(args, stage, world_size):
     return None
 
 
+def refuse(reason):
+    """Stop this rank with the refusal's one line and exit 2: each rank finds it by itself, before any work (no
+    rank waits for a peer that has stopped)."""
+    machine.stop(f"cifar10_deepspeed.py: error: {reason}", status=2, every_rank=True)
+
+
 def refuse_bad_input(args, config):
-    """Stop every rank with one line and exit 2 where the flags and config cannot run: before any work, on
-    each rank by itself (no rank waits for a peer that has stopped)."""
-    reason = check_args(args, config, launch.world_size())
+    """Refuse flags, a config, a --save-dir or a --data-dir that cannot run, in one line on every rank."""
+    reason = check_args(args, config, launch.world_size()) or check_directories(args)
     if reason:
-        machine.stop(f"cifar10_deepspeed.py: error: {reason}", status=2, every_rank=True)
+        refuse(reason)
+
+
+def check_directories(args):
+    """Why --save-dir cannot hold checkpoints or --data-dir cannot hold CIFAR-10, or None. Each must be a
+    directory this rank can write to (it is made if missing), unless the data is there already: a read-only
+    copy of CIFAR-10 is fine."""
+    wanted = [("--save-dir", args.save_dir, "cannot hold checkpoints")] if args.save_dir else []
+    if args.dataset == "cifar10" and not os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py")):
+        wanted.append(("--data-dir", args.data_dir, "cannot hold the CIFAR-10 download"))
+    for flag, folder, cannot in wanted:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            return f"{flag} {folder} {cannot}: it is a file, not a directory"
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            return f"{flag} {folder} {cannot}: {e.strerror}"
+    return None
+
+
+def refuse_what_deepspeed_refuses(config):
+    """Refuse a config DeepSpeed's own checks reject (a negative batch size, a setting of the wrong type), in one
+    line, before any work: DeepSpeed would raise its assertion from deepspeed.initialize on every rank. After
+    deepspeed.init_distributed, which gives DeepSpeed the world size the batch is checked against."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # its line on the world size; deepspeed.initialize logs the config
+    try:
+        DeepSpeedConfig(copy.deepcopy(config))
+    except Exception as e:  # AssertionError, pydantic's ValidationError, ...: DeepSpeed refuses this config
+        machine.stop(f"cifar10_deepspeed.py: error: DeepSpeed refuses the config: {machine.first_line(e)}", status=2)
+    finally:
+        logger.setLevel(level)
 
 
 def read_offload(config):

@@ -1,4 +1,3 @@
-import contextlib
 import csv
 import os
 import re
@@ -33,7 +32,6 @@ MARGIN = 8
 LAUNCHED = []  # (session, command) of every command the tests started
 IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no token, listed after the run
 REACHED = []  # (test, accuracy, least accuracy asked) of every launch that Run.assert_trained checked
-SEGMENTS_BEFORE = pytest.StashKey[dict]()  # DeepSpeed's /dev/shm buffers when the run began
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -227,42 +225,13 @@ def no_rank_outlives_the_suite():
     assert not survivors, "launched processes outlived the suite:\n" + "\n".join(survivors)
 
 
-def shared_memory_segments():
-    """DeepSpeed's shared-memory all-reduce buffers in /dev/shm: {name: modification time}."""
-    segments = {}
-    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        with contextlib.suppress(FileNotFoundError):  # unlinked while we looked
-            segments[path.name] = path.stat().st_mtime_ns
-    return segments
-
-
-def segments_left_since(before):
-    """The buffers made or rewritten since `before` (shared_memory_segments()) that are still there."""
-    return sorted(name for name, mtime in shared_memory_segments().items() if before.get(name) != mtime)
-
-
-def pytest_sessionstart(session):
-    session.stash[SEGMENTS_BEFORE] = shared_memory_segments()
-
-
 def pytest_sessionfinish(session):
-    """Fail the run if a launch left a buffer in /dev/shm (and remove them): each holds 66 MB of the host's memory
-    until reboot, and a suite's worth of them filled it. Checked once every test worker has finished: a worker's
-    launch in flight holds its buffers for a moment."""
-    if hasattr(session.config, "workerinput"):  # a test worker: the controller checks at the end, and prints these
+    """A test worker's idle experts and accuracies reach the controller, which prints them at the end."""
+    if hasattr(session.config, "workerinput"):
         session.config.workeroutput.update(idle_experts=session.config.stash.get(IDLE_EXPERTS, []), reached=REACHED)
-        return
-    left = segments_left_since(session.stash[SEGMENTS_BEFORE])
-    for name in left:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"/dev/shm/{name}")
-    if left:
-        session.config.get_terminal_writer().line("launches left DeepSpeed's shared memory behind:\n" + "\n".join(left),
-                                                  red=True)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")  # ZeRO-Offload's Adam, ZeRO 0's, shm comm
+OPS = ("CPUAdamBuilder", "FusedAdamBuilder")  # ZeRO-Offload's Adam, and ZeRO 0's
 OP_BUILD_TIMEOUT = 900  # a cold build takes 2-3 minutes on 2 cores
 
 
@@ -347,12 +316,19 @@ def machine(tmp_path):
     numactl: whether numactl is installed (a stand-in that runs the command on its cores);
     cxx: whether torch.compile finds a C++ compiler (False: none, and an empty inductor cache);
     gpu_driver: a GPU box whose torch cannot use CUDA: nvidia-smi lists a GPU with this driver, and torch
-    gives `cuda_error` as its reason (its words for a driver older than its CUDA, by default).
+    gives `cuda_error` as its reason (its words for a driver older than its CUDA, by default);
+    full_disk: the disk fills while torch.save writes a file whose path holds this text;
+    rank_dies: this rank exits as the script starts.
     """
-    def settings(native_fp16=None, numactl=None, cxx=None, gpu_driver=None, cuda_error=DRIVER_TOO_OLD):
+    def settings(native_fp16=None, numactl=None, cxx=None, gpu_driver=None, cuda_error=DRIVER_TOO_OLD, full_disk=None,
+                 rank_dies=None):
         env = {}
-        if native_fp16 is not None or cxx is False or gpu_driver:
+        if native_fp16 is not None or cxx is False or gpu_driver or full_disk or rank_dies is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MACHINE), os.environ.get("PYTHONPATH")]))
+        if full_disk:
+            env["FAKE_FULL_DISK"] = full_disk
+        if rank_dies is not None:
+            env["FAKE_RANK_DIES"] = str(rank_dies)
         if gpu_driver:
             env.update(FAKE_NVIDIA_DRIVER=gpu_driver, FAKE_CUDA_ERROR=cuda_error,
                        PATH=f"{FAKE_MACHINE / 'gpu'}{os.pathsep}{os.environ['PATH']}")

@@ -373,3 +373,23 @@ def test_the_slurm_example_requeues_on_usr1_and_resumes_by_itself(parse):
     args = parse(*[{"$SAVE_DIR": "ckpt"}.get(word, word) for word in shlex.split(command) if word != "$@"])
     assert args.resume == "auto" and args.deepspeed
     assert options.check_args(args, cifar10_deepspeed.get_ds_config(args), world_size=8) is None
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_save_loses_no_finished_epoch(launch, script, machine, tmp_path):
+    """The disk fills while epoch 2's checkpoint is written (a stand-in for torch.save that writes part of the
+    file, then fails with ENOSPC): every rank stops with SAVE_FAILED and one line, the partial checkpoint is
+    removed, 'latest' still names epoch 1, and --resume continues from it to the end."""
+    cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "--stage", "1", "--save-dir", tmp_path / "ckpt"]
+    full = launch(*cmd, env=machine(full_disk=f"{tmp_path / 'ckpt' / 'epoch2'}"))
+    assert full.returncode == checkpoints.SAVE_FAILED, full.output[-3000:]
+    errors = [line for line in full.output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: could not save checkpoint {tmp_path / 'ckpt' / 'epoch2'} (No space left on device); "
+                      f"removed it, and --resume continues from {tmp_path / 'ckpt' / 'epoch1'}"]
+    assert "Traceback" not in full.output and "[ 3, " not in full.output
+    assert sorted(name for name in os.listdir(tmp_path / "ckpt") if name.startswith("epoch")) == ["epoch1"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch1"
+    resumed = launch(*cmd, "--resume")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"Resuming from {tmp_path / 'ckpt' / 'epoch1'} at epoch 2" in resumed.output
+    assert "Finished Training" in resumed.output and (tmp_path / "ckpt" / "latest").read_text() == "epoch3"

@@ -4,6 +4,7 @@ unpacks a CIFAR-format archive the tests make (tests/cifar_files.py) from a serv
 corrupt download, every rank stops with one line."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from cifar10ds import data
 from cifar10ds.data import SyntheticCIFAR10, load_datasets
 from cifar_files import ARCHIVE, Server, make_archive
 from cifar10ds.launch import free_port
-from conftest import ROOT, run_command, segments_left_since, shared_memory_segments
+from conftest import ROOT, run_command
 from test_launch import Nodes, script
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "50", "--seed", "0"]
 ONE_EPOCH = ["-e", "1", "--log-interval", "50", "--seed", "0"]
@@ -115,9 +116,9 @@ def test_same_seed_gives_the_same_lines_on_either_data_path(launch, script):
 
 # CIFAR-10: downloaded by rank 0 first, or one line
 def test_missing_cifar10_offline_stops_every_rank_with_one_message_and_leaves_no_shared_memory(launch, root, tmp_path):
-    """Two ranks under DeepSpeed's launcher, which makes its CPU comm op create a /dev/shm buffer per rank: the
-    script unlinks them (DeepSpeed never does), even on a run that stops at once."""
-    segments, port = shared_memory_segments(), str(free_port())  # the port names this launch's buffers
+    """Two ranks under DeepSpeed's launcher, where DeepSpeed's CPU comm op would create a /dev/shm buffer per rank
+    and never remove it (fixes.skip_the_shared_memory_all_reduce): none is left, even by a run that stops at once."""
+    port = str(free_port())  # the port names this launch's buffers
     run = launch(root / "run_ds.sh", "--data-dir", tmp_path / "nowhere", env={"NUM_GPUS": "2", "BIND_CORES": "0",
                  "MASTER_PORT": port}, timeout=120)  # no rank waits for another: a hang fails the launch here
     assert run.returncode == 1
@@ -128,7 +129,7 @@ def test_missing_cifar10_offline_stops_every_rank_with_one_message_and_leaves_no
     assert errors[0].endswith(f"Place cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) "
                               f"in {tmp_path / 'nowhere'}, or train offline on generated data with --dataset synthetic.")
     assert "Traceback" not in run.output
-    assert [name for name in segments_left_since(segments) if f"_{port}_" in name] == []
+    assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
 
 
 DATA_ERROR = re.compile(r"^error: CIFAR-10 is not in \S+ and could not be downloaded \((.*)\)\. Place ")

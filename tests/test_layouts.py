@@ -157,6 +157,7 @@ def test_the_checkpoint_exports_every_ranks_fp32_masters(trained, layouts_dir, l
     ranks_of(trained, f"{layout}/{clipping}")  # it trained
     checkpoint = layouts_dir / "checkpoints" / f"{layout}-{clipping}"
     exported = model_files.export(checkpoint, Net)["state_dict"]
+    model_files.check_files(checkpoint / "epoch1")  # every file reads with weights_only, as --resume's check
     held = set()
     for rank in range(parse_cell(layout)[3]):
         masters = torch.load(checkpoint / f"masters-rank{rank}.pt")

@@ -5,6 +5,7 @@ own error), the cores, torch.compile where the machine can and cannot compile, a
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 import torch
 import torchvision
 
+import cifar10ds.launch
 import cifar10ds.machine
-from conftest import DRIVER_TOO_OLD, FAKE_MACHINE, Accelerator, Run, finish, kill_session, live_processes, metric
+from conftest import (DRIVER_TOO_OLD, FAKE_MACHINE, Accelerator, Run, finish, kill_session, live_processes, metric,
+                      run_command)
 from test_launch import Nodes, completed, script
 TINY = ["--dataset", "synthetic", "--dtype", "fp32", "-e", "1", "--synthetic-train-size", "64",
         "--synthetic-test-size", "16", "--log-interval", "4"]
@@ -236,5 +239,30 @@ def test_a_rank_killed_on_node_1_ends_every_rank_on_both_nodes(tmp_path):
 @pytest.mark.slow
 def test_a_stuck_peer_ends_the_run_after_the_dist_timeout(tmp_path):
     (first, _), seconds = stop_node_1_mid_epoch(tmp_path, signal.SIGSTOP, "--dist-timeout", "0.25")
-    assert seconds < 60  # 15 s of timeout; DeepSpeed's default would wait 30 minutes
+    assert seconds < 60  # 15 s of timeout; DeepSpeed's default would wait 10 minutes
     assert_says_it_lost_a_peer(first)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_never_comes_ends_with_one_line_within_the_dist_timeout(script, tmp_path, op_cache):
+    """Rank 0 of 2 started by hand, as srun --kill-on-bad-exit=0 starts ranks, and rank 1 gone before it joined
+    (no launcher to end rank 0): rank 0 stops with the lost-peer line once --dist-timeout passes, not a hang."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(cifar10ds.launch.free_port())}
+    started = time.monotonic()
+    run = run_command([sys.executable, script, "--deepspeed", *TINY, "--dist-timeout", "0.2"], tmp_path, env,
+                      timeout=120)
+    assert time.monotonic() - started < 60  # 12 s of timeout, and the start
+    assert_says_it_lost_a_peer(run)
+
+
+@pytest.mark.slow
+def test_a_torchrun_rank_that_dies_at_the_start_ends_the_run_at_once(launch, script, machine):
+    """torchrun, rank 1 gone as the script starts: torchrun ends rank 0 at once, with its own report; rank 0 does
+    not spin waiting for rank 1 (DeepSpeed's shared-memory set-up would, with no timeout)."""
+    started = time.monotonic()
+    run = launch("torchrun", "--standalone", "--nproc_per_node", "2", script, "--deepspeed", *TINY,
+                 env=machine(rank_dies=1), timeout=120)
+    assert time.monotonic() - started < 60
+    assert run.returncode != 0 and "Finished Training" not in run.output
+    assert "exitcode  : 1" in run.output and 'File "' + str(script) not in run.output  # rank 1's end, no traceback

@@ -2,6 +2,7 @@
 of any kind, and what a user does with it: evaluate it, classify images, start a new run from it (--init-from)."""
 
 import argparse
+import os
 import sys
 from types import SimpleNamespace
 
@@ -80,6 +81,7 @@ def test_every_checkpoint_kind_exports_the_engines_fp32_masters(single_rank_grou
     same images, within the run's dtype's rounding."""
     engine = saved(parse, tmp_path / "ckpt", *flags)
     exported = model_files.export(tmp_path / "ckpt", Net)
+    model_files.check_files(tmp_path / "ckpt" / "epoch1")  # every file reads with weights_only, as --resume's check
     assert source in exported["exported_from"]["weights"]
     masters = parameter_snapshot(engine)["master"]
     assert exported["state_dict"].keys() == masters.keys()
@@ -122,11 +124,69 @@ def test_predict_prints_each_images_class_and_probability(single_rank_group, par
 
 def test_predict_refuses_what_is_not_a_model_file_in_one_line(tmp_path, capsys):
     (tmp_path / "model.pt").write_text("not a model")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    for name, reason in (("model.pt", "cannot read {path}: not a file torch.save wrote ("),
+                         ("other.pt", "{path} is not a model file of export_model.py: it holds no model and state_dict")):
+        with pytest.raises(SystemExit) as exit:
+            predict.load_model(tmp_path / name, "cpu")
+        assert exit.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"predict.py: error: {reason.format(path=tmp_path / name)}") and err.count("\n") == 1
+
+
+class RunsACommand:
+    """What a hostile pickle holds: unpickling it runs `touch <marker>` (os.system, through __reduce__)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def hostile_checkpoint(single_rank_group, parse, tmp_path):
+    """A one-rank checkpoint of the script whose model states also carry a pickled command, and the file that
+    command would create. Also a plain model file carrying one."""
+    saved(parse, tmp_path / "ckpt", "--dtype", "fp32")
+    marker, states = tmp_path / "ran", tmp_path / "ckpt" / "epoch1" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=False), "note": RunsACommand(marker)}, states)
+    torch.save({"state_dict": Net(parse()).state_dict(), "note": RunsACommand(marker)}, tmp_path / "model.pt")
+    return SimpleNamespace(folder=tmp_path / "ckpt", states=states, model=tmp_path / "model.pt", marker=marker)
+
+
+REFUSED = "{path} wants posix.system to be loaded, which no checkpoint of this script holds: refused unread, as " \
+          "loading it could run its code"
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_export_init_from_and_resume(
+        hostile_checkpoint, parse, capsys, monkeypatch):
+    """export_model.py, --init-from (a checkpoint and a model file) and --resume each refuse it in one line, and
+    the command never runs: every file is read with weights_only, DeepSpeed's own load only after that."""
+    run = hostile_checkpoint
+    refusals = []
+    monkeypatch.setattr(sys, "argv", ["export_model.py", str(run.folder), "-o", str(run.folder / "model.pt")])
     with pytest.raises(SystemExit) as exit:
-        predict.load_model(tmp_path / "model.pt", "cpu")
-    assert exit.value.code == 1
-    assert capsys.readouterr().err.startswith(f"predict.py: error: {tmp_path / 'model.pt'} is not a model file of "
-                                              "export_model.py (")
+        export_model.main()
+    refusals.append((exit.value.code, capsys.readouterr().err))
+    for source in (run.folder, run.model):
+        args = parse(*SYNTHETIC, "--dtype", "fp32", "--init-from", str(source))
+        with pytest.raises(SystemExit) as exit:
+            model_files.init_from(Net(args), args, Net)
+        refusals.append((exit.value.code, capsys.readouterr().err))
+    args = parse(*SYNTHETIC, "--dtype", "fp32", "--save-dir", str(run.folder), "--resume")
+    engine, _, _ = engine_of(args)
+    with pytest.raises(SystemExit) as exit:
+        cifar10_deepspeed.resume(engine, args)
+    refusals.append((exit.value.code, capsys.readouterr().err))
+    assert not run.marker.exists(), "the pickled command ran"
+    assert refusals == [
+        (1, f"export_model.py: error: {REFUSED.format(path=run.states)}\n"),
+        (1, f"error: --init-from: {REFUSED.format(path=run.states)}\n"),
+        (1, f"error: --init-from: {REFUSED.format(path=run.model)}\n"),
+        (1, f"error: --resume: {REFUSED.format(path=run.states)}\n")]
+    torch.load(run.states, weights_only=False)  # the marker shows what weights_only=False would have done
+    assert run.marker.exists()
 
 
 def test_init_from_gives_each_expert_parallel_rank_its_experts_by_global_id(single_rank_group, parse, tmp_path,

@@ -12,7 +12,7 @@ import pytest
 from deepspeed.moe.layer import MoE
 
 from cifar10_deepspeed import get_ds_config, main
-from cifar10ds.options import batch_sizes, check_args, config_dtype, load_ds_config, read_offload
+from cifar10ds.options import batch_sizes, check_args, check_directories, config_dtype, load_ds_config, read_offload
 from conftest import ROOT, finish, start
 SYNTHETIC = ["--dataset", "synthetic", "--seed", "0", "--synthetic-test-size", "400"]
 
@@ -350,3 +350,54 @@ def test_every_rank_exits_2_on_its_own(script, tmp_path):
         assert err.splitlines()[-1] == (
             "cifar10_deepspeed.py: error: --moe does not work with ZeRO stage 3: "
             "DeepSpeed's MoE supports stages 0, 1 and 2")
+
+
+# Bad input: a config file, a --save-dir, a --data-dir
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "cannot read --deepspeed_config {path}: No such file or directory"),
+    ('{"train_batch_size": 16,', "--deepspeed_config {path} is not JSON: Expecting property name enclosed in double "
+                                 "quotes: line 1 column 25 (char 24)"),
+    ("[16]", "--deepspeed_config {path} is not a JSON object of DeepSpeed's settings"),
+], ids=["missing", "not-json", "not-an-object"])
+def test_a_config_file_that_cannot_be_read_is_one_line(parse, capsys, tmp_path, content, reason):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        load_ds_config(parse("--deepspeed_config", str(path)))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"cifar10_deepspeed.py: error: {reason.format(path=path)}\n"
+
+
+def test_a_config_deepspeed_refuses_stops_every_rank_with_one_line_before_any_work(launch, script, parse, tmp_path):
+    """A value DeepSpeed asserts on in deepspeed.initialize (a negative batch) is refused with DeepSpeed's reason
+    right after the process group starts, on 2 ranks under DeepSpeed's launcher: one line, exit 2."""
+    config = get_ds_config(parse())
+    config["train_batch_size"] = -16
+    path = tmp_path / "negative.json"
+    path.write_text(json.dumps(config))
+    run = launch("deepspeed", "--num_gpus", "2", script, "--deepspeed", "--deepspeed_config", path, "--dataset",
+                 "synthetic", "--dtype", "fp32", "--micro-batch", "4", timeout=120)
+    assert run.returncode == 2, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if "error:" in line]
+    assert errors == ["cifar10_deepspeed.py: error: DeepSpeed refuses the config: Train batch size: -16 has to be "
+                      "greater than 0"], run.output[-3000:]
+    assert "Traceback" not in run.output and "loss:" not in run.output
+
+
+def test_a_save_dir_or_data_dir_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_path):
+    """Checked at the start, not when the first epoch ends: a path that is a file, or lies under one."""
+    (tmp_path / "file").write_text("")
+    file = tmp_path / "file"
+    cases = [(["--save-dir", str(file)], f"--save-dir {file} cannot hold checkpoints: it is a file, not a directory"),
+             (["--save-dir", str(file / "ckpt")], f"--save-dir {file / 'ckpt'} cannot hold checkpoints: Not a directory"),
+             (["--data-dir", str(file)], f"--data-dir {file} cannot hold the CIFAR-10 download: it is a file, not a "
+                                         f"directory")]
+    for flags, expected in cases:
+        args = parse(*flags)
+        assert check_directories(args) == expected
+    assert check_directories(parse("--dataset", "synthetic", "--data-dir", str(file))) is None  # no download
+    assert check_directories(parse("--save-dir", str(tmp_path / "new" / "ckpt"))) is None
+    assert (tmp_path / "new" / "ckpt").is_dir()

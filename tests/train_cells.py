@@ -195,10 +195,12 @@ def train_cell(cell, steps, checks, evaluate, data_path):
 
 
 def start():
-    """The process group of this launch, as the script starts it (DeepSpeed's shared-memory buffers unlinked)."""
+    """The process group of this launch, as the script's main() starts it: each rank on its share of the cores
+    (ranks on one machine would oversubscribe them), DeepSpeed's shared-memory all-reduce not made."""
     launch.use_single_process_defaults()
+    machine.use_share_of_cores()
+    fixes.skip_the_shared_memory_all_reduce()
     deepspeed.init_distributed()
-    fixes.release_shared_memory()
 
 
 def engine_of(args, **settings):

@@ -10,8 +10,12 @@ module right after Python executes it:
     FAKE_NO_CXX=1             torch.compile's inductor finds no C++ compiler (DeepSpeed's compiled
                               CPU ops still load from their cache)
     FAKE_CUDA_ERROR=<text>    torch cannot use CUDA, and says <text> when asked why (torch.cuda.init)
+    FAKE_FULL_DISK=<text>     the disk fills while torch.save writes a file whose path holds <text>: part of
+                              the file is written, then ENOSPC, as on a full disk
+    FAKE_RANK_DIES=<rank>     that rank exits with status 1 as the script starts, as a rank killed early
 """
 
+import errno
 import importlib.abc
 import importlib.util
 import json
@@ -45,11 +49,31 @@ def cuda_unusable(module):
     module.init = init
 
 
+def disk_fills_while_saving(module):
+    save, where = module.save, os.environ["FAKE_FULL_DISK"]
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if where in str(f):
+            with open(f, "wb") as partial:
+                partial.write(b"PK\x03\x04" + bytes(4096))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return save(obj, f, *args, **kwargs)
+
+    module.save = save_until_full
+
+
+def rank_dies(module):
+    if os.environ.get("RANK") == os.environ["FAKE_RANK_DIES"]:
+        os._exit(1)
+
+
 PATCHES = {  # module: (setting, patch)
     "deepspeed.accelerator.cpu_accelerator": ("FAKE_NATIVE_FP16", report_native_fp16),
     "torchvision.datasets.cifar": ("FAKE_CIFAR10", download_from_the_test_server),
     "torch._inductor.config": ("FAKE_NO_CXX", no_cxx_for_inductor),
     "torch.cuda": ("FAKE_CUDA_ERROR", cuda_unusable),
+    "torch": ("FAKE_FULL_DISK", disk_fills_while_saving),
+    "cifar10ds.launch": ("FAKE_RANK_DIES", rank_dies),
 }
 
 
