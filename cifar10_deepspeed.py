@@ -302,8 +302,9 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, s
 def main(args):
     config, note = options.load_ds_config(args) if args.deepspeed_config else (get_ds_config(args), None)
     options.refuse_bad_input(args, config)  # one line and exit 2 on every rank, before any work
-    machine.check_the_accelerator()  # a GPU torch cannot use stops the run; rank 0 names the accelerator
-    for line in (note, options.read_offload(config)):
+    optimizer = machine.choose_adam(config)  # torch's fused AdamW: nothing to compile
+    machine.check_the_accelerator(optimizer)  # a GPU torch cannot use stops the run; rank 0 names what trains
+    for line in (note, fixes.allow_fp16(config), options.read_offload(config)):
         if line and launch.rank() == 0:
             print(line)
     args.deepspeed_config = None  # the file is read into `config`; DeepSpeed refuses a config given twice
@@ -312,7 +313,7 @@ def main(args):
     launch.use_single_process_defaults()  # python cifar10_deepspeed.py: one rank, no launcher
     machine.use_share_of_cores()
     timeout = machine.dist_timeout(args)
-    fixes.prepare(config, timeout)  # what DeepSpeed gets wrong before deepspeed.initialize: see cifar10ds/fixes.py
+    fixes.prepare(timeout)  # what DeepSpeed gets wrong before deepspeed.initialize: see cifar10ds/fixes.py
     with machine.stop_if_a_peer_is_lost():  # a rank that died or hangs ends every other with one line
         with machine.stop_if_the_port_is_taken():
             deepspeed.init_distributed(timeout=timeout)

@@ -1,7 +1,7 @@
 """What DeepSpeed 0.19.8 gets wrong for this script, fixed at the narrowest point. Each fix says the upstream
-issue, what breaks without it, and when to delete it. The script applies them in two visible calls: prepare()
-before deepspeed.init_distributed, apply() after deepspeed.initialize; and replay_host_adam_steps() after
-load_checkpoint."""
+issue, what breaks without it, and when to delete it. The script applies them where they act: allow_fp16()
+with the config, prepare() before deepspeed.init_distributed, apply() after deepspeed.initialize, and
+replay_host_adam_steps() after load_checkpoint."""
 
 import importlib
 
@@ -13,16 +13,14 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
 from deepspeed.utils import groups
 
-from cifar10ds import launch, options
+from cifar10ds import options
 
 
-def prepare(config, timeout):
+def prepare(timeout):
     """The fixes deepspeed.init_distributed and deepspeed.initialize need in place: every rank, before the first."""
     skip_the_shared_memory_all_reduce()
     give_every_group_the_timeout(timeout)
-    note = allow_fp16(config)
-    if note and launch.rank() == 0:
-        print(note, flush=True)
+    wrap_torch_adam_as_deepspeed_wraps_its_own()
 
 
 def apply(model_engine):
@@ -54,6 +52,21 @@ def give_every_group_the_timeout(timeout):
     Delete when DeepSpeed passes its timeout to new_group().
     """
     torch.distributed.distributed_c10d.default_pg_timeout = timeout
+
+
+def wrap_torch_adam_as_deepspeed_wraps_its_own():
+    """Give torch's Adam, in fp16 and bf16 without ZeRO, the flat FP16_Optimizer DeepSpeed gives its own FusedAdam.
+
+    Upstream: deepspeedai/DeepSpeed#8613, #8588. Without it: DeepSpeed wraps any other optimizer in
+    FP16_UnfusedOptimizer, which is never told about MoE layers, so its clipping norm leaves out the expert
+    gradients (#8613) and the norm it reports still carries the loss scale (#8588); its loss scale also starts
+    elsewhere than the config's initial_scale_power. torch's AdamW steps FP16_Optimizer's flat fp32 groups as
+    FusedAdam does (machine.choose_adam picks it). Delete when DeepSpeed picks the wrapper by what the optimizer
+    can step, not by its class.
+    """
+    engine = importlib.import_module("deepspeed.runtime.engine")
+    if isinstance(engine.FusedAdam, type):
+        engine.FusedAdam = (engine.FusedAdam, torch.optim.Adam, torch.optim.AdamW)
 
 
 def allow_fp16(config):

@@ -210,13 +210,37 @@ def accelerator_line():
             f"torch {torch.__version__}, DeepSpeed {deepspeed.__version__}")
 
 
-def check_the_accelerator():
-    """Stop every rank where torch cannot use the GPU this box has; otherwise rank 0 names the accelerator."""
+def check_the_accelerator(optimizer):
+    """Stop every rank where torch cannot use the GPU this box has; otherwise rank 0's first line names the
+    accelerator, and the `optimizer` (choose_adam's words) that trains."""
     problem = unusable_gpu()
     if problem:
         stop(f"error: {problem}")
     if launch.rank() == 0:
-        print(accelerator_line(), flush=True)
+        print(f"{accelerator_line()}; optimizer: {optimizer}", flush=True)
+
+
+def choose_adam(config):
+    """Have the config's Adam trained by torch's fused AdamW where DeepSpeed would build its own; return the
+    optimizer that trains and why, in a few words.
+
+    DeepSpeed's Adam is a C++ (CPU) or CUDA op it compiles on a first run: a minute or more with a compiler, a
+    crash without one (deepspeedai/DeepSpeed#1897, #2772), and every load asks py-cpuinfo twice (2.4 s a process).
+    torch's fused AdamW needs nothing built: a step of this Net's optimizer takes 0.31 ms on a CPU core against
+    the op's 0.13 ms, 3 % of a training step (BENCHMARKS.md). A config that sets "torch_adam" keeps its choice;
+    fp16 master weights work only with DeepSpeed's CPU Adam, built once, then cached.
+    """
+    optimizer = config.get("optimizer") or {}
+    params = optimizer.setdefault("params", {})
+    if optimizer.get("type", "").lower() not in ("adam", "adamw"):
+        return f"{optimizer.get('type', 'none')}, as the config asks"
+    if "torch_adam" in params:
+        return f"{'torch' if params['torch_adam'] else 'DeepSpeed'}'s Adam, as the config asks"
+    if config.get("fp16", {}).get("fp16_master_weights_and_grads"):
+        return ("DeepSpeed's CPU Adam, which fp16 master weights need: its C++ op is built on the first run (about a "
+                "minute), then loaded from the cache")
+    params.update(torch_adam=True, fused=True)
+    return "torch's fused AdamW (nothing to compile)"
 
 
 def compile_model(model_engine, args):

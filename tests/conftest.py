@@ -19,8 +19,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 
 import cifar10_deepspeed  # noqa: E402
 import deepspeed  # noqa: E402
+from cifar10ds import fixes  # noqa: E402
 from cifar10ds.launch import free_port  # noqa: E402
-from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 # Any download the script tries goes to a closed local port: the tests never touch the network.
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
@@ -62,9 +62,11 @@ def parse():
 
 @pytest.fixture(scope="session")
 def single_rank_group():
-    """An in-process, one-rank gloo group, for code that talks to deepspeed.comm."""
+    """An in-process, one-rank gloo group, for code that talks to deepspeed.comm, with the script's fixes of
+    DeepSpeed in place as its main() puts them."""
     for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
         os.environ.setdefault(name, str(value))
+    fixes.prepare(deepspeed.constants.default_pg_timeout)
     deepspeed.init_distributed()
 
 
@@ -231,45 +233,35 @@ def pytest_sessionfinish(session):
         session.config.workeroutput.update(idle_experts=session.config.stash.get(IDLE_EXPERTS, []), reached=REACHED)
 
 
-OPS = ("CPUAdamBuilder", "FusedAdamBuilder")  # ZeRO-Offload's Adam, and ZeRO 0's
-OP_BUILD_TIMEOUT = 900  # a cold build takes 2-3 minutes on 2 cores
+OP_BUILD_TIMEOUT = 900  # a cold build takes 1-2 minutes on 2 cores
 
 
 @pytest.fixture(scope="session")
-def op_cache():
-    """DeepSpeed's CPU ops (CPU Adam, fused Adam, shared-memory comm) compiled before any launch is timed.
+def cpu_adam():
+    """DeepSpeed's CPU Adam op, which only fp16 master weights need (the MoE tutorial's recipe; everything else
+    trains with torch's fused AdamW), compiled before the launch that needs it is timed.
 
-    On a cold cache the first launch would spend minutes compiling them; warm,
-    this takes a second. Either way no test's duration depends on the cache.
-    Each is built in a process of its own, side by side, then loaded here. A build
-    that outlives OP_BUILD_TIMEOUT is stopped with SIGABRT, which makes Python's
-    faulthandler print where it waited, and the suite fails with that.
+    Built in a process of its own, then loaded here. A build that outlives OP_BUILD_TIMEOUT is stopped with
+    SIGABRT, which makes Python's faulthandler print where it waited, and the test fails with that.
     """
-    load = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder({!r}).load()"
-    builds = [subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", load.format(op)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True) for op in OPS]
-    LAUNCHED.extend((build.pid, f"build of DeepSpeed's {op}") for op, build in zip(OPS, builds))
-    deadline = time.monotonic() + OP_BUILD_TIMEOUT
-    for op, build in zip(OPS, builds):
-        try:
-            _, errors = build.communicate(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            errors = None
-        if errors is None:
-            build.send_signal(signal.SIGABRT)
-            build.wait(timeout=30)
-            for other in builds:
-                kill_session(other.pid)  # and the compilers they started
-            _, errors = build.communicate(timeout=30)
-            pytest.fail(f"DeepSpeed's {op} did not build within {OP_BUILD_TIMEOUT} s; where it waited:\n"
-                        f"{errors[-3000:]}", pytrace=False)
-        assert build.returncode == 0, f"DeepSpeed's {op} did not build:\n{errors[-3000:]}"
-    for op in OPS:
-        get_accelerator().create_op_builder(op).load()
+    load = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()"
+    build = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", load], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    LAUNCHED.append((build.pid, "build of DeepSpeed's CPUAdamBuilder"))
+    try:
+        _, errors = build.communicate(timeout=OP_BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        build.send_signal(signal.SIGABRT)
+        build.wait(timeout=30)
+        kill_session(build.pid)  # and the compilers it started
+        _, errors = build.communicate(timeout=30)
+        pytest.fail(f"DeepSpeed's CPU Adam did not build within {OP_BUILD_TIMEOUT} s; where it waited:\n"
+                    f"{errors[-3000:]}", pytrace=False)
+    assert build.returncode == 0, f"DeepSpeed's CPU Adam did not build:\n{errors[-3000:]}"
 
 
 @pytest.fixture
-def launch(tmp_path, op_cache):
+def launch(tmp_path):
     """Run a command from a fresh working directory (for data), offline."""
     return lambda *cmd, env=None, timeout=LAUNCH_TIMEOUT: run_command(cmd, tmp_path, env, timeout)
 

@@ -34,7 +34,7 @@ def kill_rank_1_at(cmd, cwd, marker):
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory, op_cache):
+def killed_and_resumed(tmp_path_factory):
     """MoE with EP 2 in fp16, 3 epochs: run through; run again, SIGKILL rank 1 in epoch 2, and resume."""
     tmp = tmp_path_factory.mktemp("killed")
 
@@ -149,7 +149,7 @@ def test_resume_on_two_nodes_from_a_shared_save_dir(tmp_path):
 
 # Checkpoints that do not fit
 @pytest.fixture(scope="module")
-def saved_dense_run(tmp_path_factory, op_cache):
+def saved_dense_run(tmp_path_factory):
     """A one-epoch dense run that saved its checkpoint, shared by the refusal tests."""
     cwd = tmp_path_factory.mktemp("saved")
     cmd = ["python", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "-e", "1",
@@ -237,7 +237,7 @@ def printed(run, after):
 
 
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory, op_cache):
+def preempted(tmp_path_factory):
     """MoE with EP 2 on 2 ranks, RSample gate noise, fp32, evaluated every epoch: a run straight through; the same
     run given SIGTERM in epoch 2, on its whole process group as SLURM and Kubernetes send it; that run continued
     with --resume auto; and the straight run's epoch-1 checkpoint continued with --resume."""

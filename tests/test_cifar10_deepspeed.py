@@ -22,7 +22,7 @@ from deepspeed.moe.layer import MoE
 import cifar10_deepspeed
 from bench.plain_loop import warmup_lr
 from cifar10_deepspeed import Net, create_moe_param_groups, get_ds_config, train_step
-from cifar10ds import checkpoints, data, options
+from cifar10ds import checkpoints, data, machine, options
 from conftest import ROOT
 from train_cells import engine_of
 
@@ -290,6 +290,8 @@ def train_by_hand(net, batches, config):
 
 
 def train_with_deepspeed(net, batches, args, config):
+    """DeepSpeed's steps with the optimizer the script trains with (machine.choose_adam)."""
+    machine.choose_adam(config)
     model_engine, *_ = deepspeed.initialize(args=args, model=net, model_parameters=net.parameters(), config=config)
     for step, (inputs, labels) in enumerate(batches):
         torch.manual_seed(step)
@@ -363,9 +365,11 @@ def test_offload_trains_as_without_it(single_rank_group, parse, stage, flags):
 def test_train_tells_the_sampler_each_epoch(single_rank_group, parse, capsys):
     args = parse("--dataset", "synthetic", "--dtype", "fp32", "--synthetic-train-size", "64", "--log-interval", "2")
     trainset, testset = data.load_datasets(args, download=False)
+    config = get_ds_config(args)
+    machine.choose_adam(config)
     engine, _, trainloader, _ = deepspeed.initialize(
         model=Net(args), model_parameters=Net(args).parameters(), training_data=trainset,
-        collate_fn=data.collate_fn(trainset), config=get_ds_config(args))
+        collate_fn=data.collate_fn(trainset), config=config)
     orders = []
     for epoch in range(3):
         args.epochs = epoch + 1

@@ -136,7 +136,7 @@ DATA_ERROR = re.compile(r"^error: CIFAR-10 is not in \S+ and could not be downlo
 
 
 @pytest.fixture(scope="module")
-def cifar10_server(tmp_path_factory, op_cache):
+def cifar10_server(tmp_path_factory):
     """The archive (5000 training and 1000 test images) at /cifar-10-python.tar.gz, a cut-off copy at /corrupt/."""
     folder = tmp_path_factory.mktemp("server")
     checksums = make_archive(folder)

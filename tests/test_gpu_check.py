@@ -1,6 +1,6 @@
 """bench/gpu_check.sh, the GPU acceptance check, on a machine where torch has no GPU: what can be checked here.
 
-Its runs need a GPU (docs/gpu.md); its install from carried wheels was run by hand here (TESTING.md).
+Its runs need a GPU (docs/gpu.md); its install from carried wheels was run by hand (docs/gpu.md).
 """
 
 import subprocess

@@ -219,7 +219,7 @@ def test_torchrun_standalone_is_not_stopped_by_a_taken_port(launch, script):
 
 
 @pytest.mark.slow
-def test_two_runs_side_by_side_on_one_machine_both_train(root, tmp_path, op_cache):
+def test_two_runs_side_by_side_on_one_machine_both_train(root, tmp_path):
     """Started together, each through run_ds.sh with MASTER_PORT unset: each gets a port of its own."""
     runs = []
     for name in ("first", "second"):

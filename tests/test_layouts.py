@@ -90,7 +90,7 @@ def layouts_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(request, layouts_dir, op_cache):
+def trained(request, layouts_dir):
     """The selected layouts and their one-process truths, trained in one launch per world size; the selected
     EXPORTED runs saved under layouts_dir/checkpoints."""
     selected = {(item.callspec.params["layout"], item.callspec.params["clipping"]) for item in request.session.items

@@ -109,7 +109,7 @@ def test_that_gpu_box_trains_on_the_cpu_on_purpose_and_the_first_line_says_so(la
     assert run.returncode == 0, run.output[-3000:]
     lines = run.output.splitlines()
     first = (f"accelerator: cpu, 2 ranks, DS_ACCELERATOR=cpu; torch {torch.__version__}, "
-             f"DeepSpeed {deepspeed.__version__}")
+             f"DeepSpeed {deepspeed.__version__}; optimizer: torch's fused AdamW (nothing to compile)")
     assert lines.count(first) == 1
     assert lines.index(first) < min(i for i, line in enumerate(lines) if line.startswith("[ 1,"))
 
@@ -244,7 +244,7 @@ def test_a_stuck_peer_ends_the_run_after_the_dist_timeout(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_whose_peer_never_comes_ends_with_one_line_within_the_dist_timeout(script, tmp_path, op_cache):
+def test_a_rank_whose_peer_never_comes_ends_with_one_line_within_the_dist_timeout(script, tmp_path):
     """Rank 0 of 2 started by hand, as srun --kill-on-bad-exit=0 starts ranks, and rank 1 gone before it joined
     (no launcher to end rank 0): rank 0 stops with the lost-peer line once --dist-timeout passes, not a hang."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

@@ -92,7 +92,7 @@ def train(tmp, name, cells, world, steps, *flags, accelerator="cpu"):
 
 
 @pytest.fixture(scope="module")
-def checked(request, tmp_path_factory, op_cache):
+def checked(request, tmp_path_factory):
     """Every selected cell trained for CHECK_STEPS steps, and again in another process on the PIL data path:
     (first, again)."""
     tmp = tmp_path_factory.mktemp("checked")
@@ -108,7 +108,7 @@ def checked(request, tmp_path_factory, op_cache):
 
 
 @pytest.fixture(scope="module")
-def learned(request, tmp_path_factory, op_cache):
+def learned(request, tmp_path_factory):
     """The selected learning cells, trained for LEARN_STEPS steps."""
     tmp = tmp_path_factory.mktemp("learned")
     report = {}

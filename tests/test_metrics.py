@@ -258,7 +258,7 @@ def script_lines(lines):
 
 
 @pytest.mark.slow
-def test_the_bar_advances_in_a_terminal_and_the_printed_lines_stay_as_they_are(script, tmp_path, op_cache):
+def test_the_bar_advances_in_a_terminal_and_the_printed_lines_stay_as_they_are(script, tmp_path):
     cmd = ["python", script, *SYNTHETIC, "--dtype", "fp32", "-e", "2", *MOE]
     shown = run_in_terminal(cmd, tmp_path)
     bars = re.findall(r"\repoch (\d): +\d+%\|[^|]*\| +(\d+)/50 \[[^\]]*\]", shown)
@@ -276,7 +276,7 @@ def test_the_bar_advances_in_a_terminal_and_the_printed_lines_stay_as_they_are(s
 
 
 @pytest.mark.slow
-def test_no_progress_keeps_the_terminal_free_of_the_bar(script, tmp_path, op_cache):
+def test_no_progress_keeps_the_terminal_free_of_the_bar(script, tmp_path):
     shown = run_in_terminal(["python", script, *SYNTHETIC, "--dtype", "fp32", "-e", "1", "--no-progress"], tmp_path)
     assert "epoch 1:" not in shown and "\r" not in shown.replace("\r\n", "\n")
     assert len(script_lines(screen_lines(shown))) == 2 * 5 + 1 + 11

@@ -229,7 +229,7 @@ def test_init_from_refuses_weights_of_another_net_in_one_line(single_rank_group,
 
 
 @pytest.fixture(scope="module")
-def ep2_fp16_run(tmp_path_factory, op_cache):
+def ep2_fp16_run(tmp_path_factory):
     """MoE with EP 2 on 2 ranks in fp16 (the reference's dtype, without ZeRO), one epoch of 200 steps, saved."""
     tmp = tmp_path_factory.mktemp("ep2-fp16")
     full = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dataset",

@@ -222,7 +222,7 @@ OFFLOAD_LINE = re.compile(r"^ZeRO-Offload: .*$", re.M)
 
 
 @pytest.mark.slow
-def test_the_tutorials_recipe_trains_moe_with_ep_2_as_its_page_runs_it(launch, root):
+def test_the_tutorials_recipe_trains_moe_with_ep_2_as_its_page_runs_it(launch, root, cpu_adam):
     """ZeRO 2 with "cpu_offload": true, fp16 with fp16 master weights, MoE with EP 2 on 2 ranks and
     --moe-param-group (run_ds_moe.sh). With fp32 masters (fp16_master_weights_and_grads off, the script's own
     config) the same layout is test_matrix.py's learning cell fp16-zero2-rsample-w2-ep2-offload."""

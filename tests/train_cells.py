@@ -196,10 +196,10 @@ def train_cell(cell, steps, checks, evaluate, data_path):
 
 def start():
     """The process group of this launch, as the script's main() starts it: each rank on its share of the cores
-    (ranks on one machine would oversubscribe them), DeepSpeed's shared-memory all-reduce not made."""
+    (ranks on one machine would oversubscribe them), DeepSpeed's fixes in place."""
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
-    fixes.skip_the_shared_memory_all_reduce()
+    fixes.prepare(deepspeed.constants.default_pg_timeout)
     deepspeed.init_distributed()
 
 
@@ -210,6 +210,7 @@ def engine_of(args, **settings):
     reason = options.check_args(args, config, world_size=dist.get_world_size())
     if reason:
         raise ValueError(reason)
+    machine.choose_adam(config)
     fixes.allow_fp16(config)
     trainset, testset = cifar10_deepspeed.load_data(args)
     return (*cifar10_deepspeed.build_engine(args, config, trainset), testset)
