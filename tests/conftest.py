@@ -25,9 +25,8 @@ from cifar10ds.launch import free_port  # noqa: E402
 # Any download the script tries goes to a closed local port: the tests never touch the network.
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
 LAUNCH_TIMEOUT = 600
-# Each learning bound is the test accuracy the run reached when measured (2026-12-02, a clean clone's .ci/run on 2 cores
-# of an AMD EPYC; the suite prints every run's at its end) less MARGIN points: another CPU rounds in other orders
-# (its kernels, gloo's sums), which moves a seeded run by a few points.
+# A launch's learning bound: what its seed reached less MARGIN points, below the spread of other seeds, which is
+# how far another CPU's rounding (its kernels, gloo's sums) moves a seeded run. The suite prints every run's at its end.
 MARGIN = 8
 LAUNCHED = []  # (session, command) of every command the tests started
 IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no token, listed after the run
@@ -306,7 +305,8 @@ def machine(tmp_path):
 
     native_fp16: whether DeepSpeed's CPU accelerator reports native fp16 kernels;
     numactl: whether numactl is installed (a stand-in that runs the command on its cores);
-    cxx: whether torch.compile finds a C++ compiler (False: none, and an empty inductor cache);
+    cxx: whether a C++ compiler is found, by torch.compile and by DeepSpeed's op builds (False: none, and
+    empty inductor and op caches);
     gpu_driver: a GPU box whose torch cannot use CUDA: nvidia-smi lists a GPU with this driver, and torch
     gives `cuda_error` as its reason (its words for a driver older than its CUDA, by default);
     full_disk: the disk fills while torch.save writes a file whose path holds this text;
@@ -328,7 +328,8 @@ def machine(tmp_path):
             env["FAKE_NATIVE_FP16"] = "1" if native_fp16 else "0"
         if cxx is False:
             env["FAKE_NO_CXX"] = "1"
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-cache")  # nothing compiled earlier to reuse
+            env.update(CXX="false", CC="false", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-cache"),
+                       TORCH_EXTENSIONS_DIR=str(tmp_path / "op-cache"))  # nothing compiled earlier to reuse
         if numactl is not None:
             path = path_without("numactl", tmp_path / "bin-without-numactl")
             env["PATH"] = f"{FAKE_MACHINE / 'bin'}{os.pathsep}{path}" if numactl else path

@@ -99,11 +99,11 @@ def parse_cell(cell):
             bool(match["offload"]))
 
 
-def cell_flags(cell, steps):
+def cell_flags(cell, steps, seed=SEED):
     dtype, stage, model, world, ep, offload = parse_cell(cell)
     flags = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", str(16 * steps),
              "--synthetic-test-size", "400", "--data-workers", "0", "--log-interval", str(steps), "--epochs", "1",
-             "--dtype", dtype, "--stage", str(stage), "--seed", str(SEED),
+             "--dtype", dtype, "--stage", str(stage), "--seed", str(seed),
              *MODELS[model]]
     if offload:
         flags += ["--offload", "cpu"]
@@ -150,10 +150,10 @@ def expert_of(name, net):
     return int(match[1]), ep_rank * layer.num_local_experts + int(match[2])
 
 
-def train_cell(cell, steps, checks, evaluate, data_path):
+def train_cell(cell, steps, checks, evaluate, data_path, seed):
     """Train one cell; return this rank's record: losses always, `checks` and test accuracy when asked."""
     dtype = parse_cell(cell)[0]
-    args = cifar10_deepspeed.parse_args([*cell_flags(cell, steps), "--data-path", data_path])
+    args = cifar10_deepspeed.parse_args([*cell_flags(cell, steps, seed), "--data-path", data_path])
     model_engine, trainloader, testset = engine_of(args)
     net = model_engine.module
     record = {"losses": [], "loss_scales": [], "applied": []}
@@ -279,6 +279,7 @@ def main():
     parser.add_argument("--checks", action="store_true", help="record what moved, what each rank holds, overflows")
     parser.add_argument("--evaluate", action="store_true", help="record the test accuracy")
     parser.add_argument("--data-path", default="tensor", choices=["tensor", "pil"], help="the script's --data-path")
+    parser.add_argument("--seed", type=int, default=SEED, help="the script's --seed in every cell")
     parser.add_argument("--local_rank", type=int)
     options = parser.parse_args()
 
@@ -286,7 +287,8 @@ def main():
     report = {}
     for cell in options.cells:
         try:
-            outcome = train_cell(cell, options.steps, options.checks, options.evaluate, options.data_path), None
+            outcome = train_cell(cell, options.steps, options.checks, options.evaluate, options.data_path,
+                                 options.seed), None
         except Exception:
             outcome = {}, traceback.format_exc(limit=-3)
         records, error = gathered(outcome)
