@@ -175,8 +175,11 @@ MUTANTS = [
      "if major + 10 >= least), None)", [MACHINE, "-k", "driver_older"]),
     ("a taken port is a traceback", ACCELERATOR, 'if "EADDRINUSE" not in str(e):', "if True:",
      [LAUNCH, "-k", "taken_port"]),
-    ("the first line does not name the accelerator", ACCELERATOR, "        print(accelerator_line(), flush=True)\n",
-     "        pass\n", [MACHINE, "-k", "first_line_says"]),
+    ("the first line does not name the accelerator", ACCELERATOR,
+     "        print(f\"{accelerator_line()}; optimizer: {optimizer}\", flush=True)\n", "        pass\n",
+     [MACHINE, "-k", "first_line_says"]),
+    ("fp16 master weights without a compiler crash in deepspeed.initialize", ACCELERATOR,
+     "        load_cpu_adam()\n", "        pass\n", [MACHINE, "-k", "fp16_master_weights_stop"]),
     ("every rank takes every core", RANKS, "max(1, len(os.sched_getaffinity(0)) // local_size)",
      "len(os.sched_getaffinity(0))", [LAUNCH, "-k", "share_of_the_cores"]),
 ]

@@ -237,10 +237,21 @@ def choose_adam(config):
     if "torch_adam" in params:
         return f"{'torch' if params['torch_adam'] else 'DeepSpeed'}'s Adam, as the config asks"
     if config.get("fp16", {}).get("fp16_master_weights_and_grads"):
-        return ("DeepSpeed's CPU Adam, which fp16 master weights need: its C++ op is built on the first run (about a "
-                "minute), then loaded from the cache")
+        load_cpu_adam()
+        return "DeepSpeed's CPU Adam, which fp16 master weights need (its C++ op built once, then cached)"
     params.update(torch_adam=True, fused=True)
     return "torch's fused AdamW (nothing to compile)"
+
+
+def load_cpu_adam():
+    """Build (on a first run, about a minute) or load DeepSpeed's CPU Adam op, or stop in one line where it cannot
+    be built: deepspeed.initialize would otherwise fail with a traceback from inside its engine."""
+    try:
+        get_accelerator().create_op_builder("CPUAdamBuilder").load()
+    except Exception as e:
+        stop(f"error: fp16_master_weights_and_grads needs DeepSpeed's CPU Adam, whose C++ op could not be built here "
+             f"({first_line(e)}): install a C++ compiler, or set fp16_master_weights_and_grads to false to train "
+             f"with torch's fused AdamW")
 
 
 def compile_model(model_engine, args):

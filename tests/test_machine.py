@@ -172,6 +172,20 @@ def test_without_a_compiler_it_says_so_and_trains_eagerly(launch, script, machin
     assert len(run.losses()) == STEPS // 5 and "Finished Training" in run.output
 
 
+@pytest.mark.slow
+def test_without_a_compiler_the_tutorials_fp16_master_weights_stop_every_rank_in_one_line(launch, root, machine):
+    """Only DeepSpeed's CPU Adam keeps fp16 master weights, and its op is built on a first run."""
+    run = launch(root / "run_ds_moe.sh", "--deepspeed_config", root / "ds_config_offload.json", *SYNTHETIC,
+                 env={**machine(cxx=False), "BIND_CORES": "0"})
+    assert run.returncode == 1, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: fp16_master_weights_and_grads needs DeepSpeed's CPU Adam, whose C\+\+ op could not be built here "
+        r"\(.+\): install a C\+\+ compiler, or set fp16_master_weights_and_grads to false to train with torch's "
+        r"fused AdamW", errors[0]), errors
+    assert "Traceback" not in run.output and "accelerator:" not in run.output
+
+
 # A lost peer
 def rank_pids(launch):
     """The ranks a launch spawned: the processes of its session that run the script with a --local_rank."""

@@ -7,8 +7,8 @@ module right after Python executes it:
     FAKE_NATIVE_FP16=1 or 0   DeepSpeed's CPU accelerator reports native fp16 kernels, or none
     FAKE_CIFAR10=<json>       torchvision's CIFAR10 downloads from the test's server: the json
                               holds url, tgz_md5 and each batch file's md5 (tests/cifar_files.py)
-    FAKE_NO_CXX=1             torch.compile's inductor finds no C++ compiler (DeepSpeed's compiled
-                              CPU ops still load from their cache)
+    FAKE_NO_CXX=1             torch.compile's inductor finds no C++ compiler (DeepSpeed's op builds
+                              are given none by CXX=false)
     FAKE_CUDA_ERROR=<text>    torch cannot use CUDA, and says <text> when asked why (torch.cuda.init)
     FAKE_FULL_DISK=<text>     the disk fills while torch.save writes a file whose path holds <text>: part of
                               the file is written, then ENOSPC, as on a full disk
