@@ -14,7 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from PIL import Image, UnidentifiedImageError
 
 from cifar10_deepspeed import Net, test
-from cifar10ds import data, launch, machine, model_files
+from cifar10ds import data, fixes, launch, machine, model_files
 
 
 def load_model(path, device):
@@ -33,9 +33,11 @@ def load_model(path, device):
 
 
 def start_one_process():
-    """A process group of this one process, which DeepSpeed's MoE layers and test() talk to."""
+    """A process group of this one process, which DeepSpeed's MoE layers and test() talk to: without DeepSpeed's
+    shared-memory all-reduce, which it would otherwise compile on a first run (fixes.py)."""
     if not deepspeed.comm.is_initialized():
         launch.use_single_process_defaults()
+        fixes.skip_the_shared_memory_all_reduce()
         deepspeed.init_distributed()
 
 

@@ -133,6 +133,8 @@ MUTANTS = [
      "                except ValueError as e:\n", [CHECKPOINTS, "-k", "disk_that_fills"]),
     ("a failed save leaves its partial checkpoint", CHECKPOINT, "        shutil.rmtree(folder, ignore_errors=True)\n",
      "        pass\n", [CHECKPOINTS, "-k", "disk_that_fills"]),
+    ("predict.py compiles DeepSpeed's shared-memory all-reduce on a first run", "predict.py",
+     "        fixes.skip_the_shared_memory_all_reduce()\n", "", [MODEL_FILES, "-k", "predict_evaluates"]),
     # files from elsewhere and bad input
     ("checkpoint files are read with weights_only=False", FILES,
      'return torch.load(path, map_location="cpu", weights_only=True)',

@@ -256,13 +256,14 @@ def test_a_fp16_checkpoint_exports_its_fp32_masters_with_every_expert_by_its_glo
 
 
 @pytest.mark.slow
-def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(ep2_fp16_run):
+def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(ep2_fp16_run, machine):
     """The model trained on 2 ranks with EP 2 in fp16, exported, evaluates in one process at EP 1 in fp32 with
-    the run's final accuracy, within what fp16's rounding moves."""
+    the run's final accuracy, within what fp16's rounding moves; with nothing to compile (no C++ compiler, an
+    empty op cache)."""
     run = ep2_fp16_run
     torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
     predicted = run_command(["python", ROOT / "predict.py", run.tmp / "model.pt", "--test-set", "--dataset",
-                             "synthetic"], run.tmp)
+                             "synthetic"], run.tmp, env=machine(cxx=False))
     assert predicted.returncode == 0, predicted.output[-3000:]
     lines = [line for line in predicted.output.splitlines() if line.startswith("Accuracy of")]
     assert len(lines) == 11 and lines[0].startswith("Accuracy of the network on the 1000 test images: ")
