@@ -1,16 +1,20 @@
 """The GPU acceptance check's runs, on the first GPU: one table, printed and written to a file.
 
     bench/gpu_check.sh                     # installs what the box lacks, then runs this
-    python bench/gpu_check.py [--out gpu_check.md] [--checks learn,matrix,throughput,data,memory]
+    python bench/gpu_check.py [--out gpu_check.md] [--checks learn,compiler,matrix,throughput,data,memory]
 
-learn: dense and MoE in fp16, bf16 and fp32, one rank, 3 epochs of the synthetic
-set; each must learn (the loss falls by a fifth, the accuracy reaches LEARNED %).
+learn: dense and MoE (EP 1) in fp16, bf16 and fp32, one rank through the run
+scripts (DeepSpeed's launcher), 3 epochs of the synthetic set; each must learn
+(the loss falls by a fifth, the accuracy reaches LEARNED %).
+compiler: an epoch with the compiler hidden (on a GPU nvcc and CUDA_HOME, on a
+CPU the C++ compiler) and an empty op cache trains, with nothing to compile.
 matrix: tests/test_matrix.py's cells that fit the GPUs, every invariant.
 throughput: bench/throughput.py's one-rank rows against the plain PyTorch loop.
 data: the tensor data path against the PIL path, batch 16 and 128.
 memory: the peak accelerator memory at ZeRO stages 0 to 3, and with --offload cpu.
-Exits 1 when a run fails to learn or the matrix fails. --allow-cpu runs it where
-torch finds no GPU, on DeepSpeed's CPU accelerator: a check of this script only.
+Exits 1 when a check fails. --allow-cpu runs it where torch finds no GPU, on
+DeepSpeed's CPU accelerator (the matrix: its cells of one rank): a check of this
+script only.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import deepspeed
@@ -38,7 +43,9 @@ SCRIPT = [sys.executable, os.path.join(ROOT, "cifar10_deepspeed.py"), "--deepspe
 LOSS = re.compile(r"^\[ *\d+, +\d+\] loss:  (\d+\.\d{3})$", re.M)
 ACCURACY = re.compile(r"^Accuracy of the network on the \d+ test images:  (\d+) %$", re.M)
 SPEED = re.compile(r"^\[ *\d+, +\d+\] (\d+) samples/s, .*peak \w+ memory (\d+) MiB", re.M)
-CHECKS = ("learn", "matrix", "throughput", "data", "memory")
+CHECKS = ("learn", "compiler", "matrix", "throughput", "data", "memory")
+RUN_DS, RUN_DS_MOE = os.path.join(ROOT, "run_ds.sh"), os.path.join(ROOT, "run_ds_moe.sh")
+SYNTHETIC = ["--dataset", "synthetic", "--seed", "0", "--log-interval", "100"]
 
 
 def launch(cmd, env=None):
@@ -57,26 +64,62 @@ def speed_and_memory(output):
     return f"{statistics.mean(int(speed) for speed, _ in lines[1:]):.0f}", lines[-1][1]
 
 
+def learned(status, output):
+    """A run that learned: exit 0, the loss fell by a fifth, the accuracy reached LEARNED; and the row's words."""
+    losses, accuracy = [float(x) for x in LOSS.findall(output)], ACCURACY.search(output)
+    ok = bool(status == 0 and len(losses) >= 2 and losses[-1] < 0.8 * losses[0] and accuracy
+              and int(accuracy.group(1)) >= LEARNED)
+    return ok, (f"learns: loss {losses[0]:.3f} to {losses[-1]:.3f}, {accuracy.group(1)} %" if ok else
+                f"FAILED (exit {status}): {' / '.join(output.strip().splitlines()[-2:])}")
+
+
 def learn():
-    """One row per model and dtype: did 3 epochs learn?"""
-    for model, flags in (("dense", []), ("MoE 2 experts top-1", throughput.MOE)):
+    """One row per model and dtype: did 3 epochs through the run scripts learn?"""
+    for model, cmd, env in (("dense", [RUN_DS], {"NUM_GPUS": "1"}),
+                            ("MoE 2 experts top-1 RSample, EP 1", [RUN_DS_MOE], {"NUM_GPUS": "1", "EP_SIZE": "1"})):
         for dtype in ("fp16", "bf16", "fp32"):
-            status, output, seconds = launch([*SCRIPT, *flags, "--dtype", dtype, "-e", "3"])
-            losses, accuracy = [float(x) for x in LOSS.findall(output)], ACCURACY.search(output)
-            learned = (status == 0 and len(losses) >= 2 and losses[-1] < 0.8 * losses[0] and accuracy
-                       and int(accuracy.group(1)) >= LEARNED)
-            result = (f"learns: loss {losses[0]:.3f} to {losses[-1]:.3f}, {accuracy.group(1)} %" if learned else
-                      f"FAILED (exit {status}): {' / '.join(output.strip().splitlines()[-2:])}")
-            yield ("learn", f"{model}, {dtype}, 1 rank, 3 epochs", result, *speed_and_memory(output),
-                   f"{seconds:.0f}"), learned
+            status, output, seconds = launch([*cmd, *SYNTHETIC, "--dtype", dtype, "-e", "3"], env)
+            ok, result = learned(status, output)
+            yield ("learn", f"{model}, {dtype}, 1 rank, 3 epochs, ./{os.path.basename(cmd[0])}", result,
+                   *speed_and_memory(output), f"{seconds:.0f}"), ok
+
+
+def hidden_compiler(cache):
+    """Environment settings that leave DeepSpeed nothing to build an op with, and an empty op cache: on a GPU no
+    nvcc (CUDA_HOME an empty folder, nvcc off PATH), on a CPU no C++ compiler."""
+    env = {"TORCH_EXTENSIONS_DIR": os.path.join(cache, "ops")}
+    if get_accelerator().device_name() != "cuda":
+        return "no C++ compiler (CXX=false)", {**env, "CXX": "false", "CC": "false"}
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not os.path.exists(os.path.join(d, "nvcc")))
+    return "no nvcc (CUDA_HOME empty, nvcc off PATH)", {**env, "CUDA_HOME": cache, "PATH": path}
+
+
+def compiler():
+    """The quick start's run where nothing can be compiled: it trains an epoch (its loss falls by a tenth), prints
+    the accuracy, and its first line says that it needs no compiler."""
+    with tempfile.TemporaryDirectory() as cache:
+        what, env = hidden_compiler(cache)
+        status, output, seconds = launch([RUN_DS, *SYNTHETIC, "--dtype", "bf16", "-e", "1"], {"NUM_GPUS": "1", **env})
+    losses, accuracy = [float(x) for x in LOSS.findall(output)], ACCURACY.search(output)
+    ok = bool(status == 0 and len(losses) >= 2 and losses[-1] < 0.9 * losses[0] and accuracy
+              and "; optimizer: torch's fused AdamW (nothing to compile)" in output)
+    result = (f"trains: loss {losses[0]:.3f} to {losses[-1]:.3f}, {accuracy.group(1)} %, nothing compiled" if ok else
+              f"FAILED (exit {status}): {' / '.join(output.strip().splitlines()[-2:])}")
+    yield ("compiler", f"dense, bf16, 1 rank, 1 epoch, {what}, empty op cache", result, *speed_and_memory(output),
+           f"{seconds:.0f}"), ok
 
 
 def matrix():
+    if get_accelerator().device_name() == "cuda":
+        where, tests = f"{torch.cuda.device_count()} GPU(s)", ["tests/test_matrix.py::test_every_cell_on_cuda"]
+    else:  # --allow-cpu: the CPU suite's cells of one rank
+        where, tests = "the CPU, cells of 1 rank", ["tests/test_matrix.py", "-k", "w1"]
     status, output, seconds = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
-                                      "tests/test_matrix.py::test_every_cell_on_cuda"])
+                                      *tests])
     summary = output.strip().splitlines()[-1] if output.strip() else f"exit {status}"
-    passed = status == 0 and " passed" in summary  # not skipped: no GPU
-    yield ("matrix", f"tests/test_matrix.py on {torch.cuda.device_count()} GPU(s)",
+    passed = status == 0 and " passed" in summary  # not only skipped
+    yield ("matrix", f"tests/test_matrix.py on {where}",
            ("every invariant holds: " if passed else "FAILED: ") + summary, "-", "-", f"{seconds:.0f}"), passed
 
 
@@ -151,7 +194,8 @@ def main():
     header = ["| check | configuration | result | samples/s | peak memory MiB | s |", "| --- | --- | --- | --- | --- | --- |"]
     print("\n".join(header), flush=True)
     rows, failed = [], 0
-    steps = {"learn": learn, "matrix": matrix, "throughput": throughput_rows, "data": data_paths, "memory": memory}
+    steps = {"learn": learn, "compiler": compiler, "matrix": matrix, "throughput": throughput_rows, "data": data_paths,
+             "memory": memory}
     for check in checks:
         for row, ok in steps[check]():
             rows.append("| " + " | ".join(row) + " |")

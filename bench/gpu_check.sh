@@ -4,6 +4,7 @@
 #   PYTHON_VERSION=3.12 bench/gpu_check.sh --download   # on a machine with a network: the wheels, into wheels/
 #   bench/gpu_check.sh                                   # on the box: install from wheels/, run, print the table
 #   bench/gpu_check.sh --install-only                    # only the install, into a fresh folder (no GPU needed)
+#   bench/gpu_check.sh --allow-cpu                       # install and run on a CPU: a check of the check
 #
 # Settings (environment):
 #   PYTHON          the box's Python, the one with PyTorch (default: python3)
@@ -55,6 +56,11 @@ install() {
   echo "gpu_check.sh: installed from $wheels into $check_env: $(grep -v '^pip==' "$check_env/installed.txt" | tr '\n' ' ')"
 }
 
+run_checks() {
+  PATH="$check_env/bin:$PATH" "$check_env/bin/python" "$root/bench/gpu_check.py" \
+    --out "${OUT:-$root/gpu_check.md}" --installed "$check_env/installed.txt" "$@"
+}
+
 case "${1:-}" in
   --download) download ;;
   --install-only) install ;;
@@ -69,7 +75,7 @@ if not torch.cuda.is_available():
         print("it finds no GPU")' 2>/dev/null) || reason="$python has no PyTorch"
     if [[ -n "$reason" ]]; then fail "no GPU that torch can use here ($reason): this check is for a GPU box (docs/gpu.md)"; fi
     install
-    PATH="$check_env/bin:$PATH" "$check_env/bin/python" "$root/bench/gpu_check.py" \
-      --out "${OUT:-$root/gpu_check.md}" --installed "$check_env/installed.txt" ;;
-  *) fail "unknown argument '$1': give --download, --install-only or nothing" ;;
+    run_checks ;;
+  --allow-cpu) install && run_checks --allow-cpu ;;
+  *) fail "unknown argument '$1': give --download, --install-only, --allow-cpu or nothing" ;;
 esac
