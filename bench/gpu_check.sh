@@ -25,7 +25,8 @@ deepspeed_pin=$(grep -E '^deepspeed==' "$root/requirements.txt" | cut -d' ' -f1)
 needs=(einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 numpy==2.4.6 packaging==26.4 psutil==7.2.2
        py-cpuinfo==9.0.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
        typing_extensions==4.16.0 tqdm==4.70.1 pytest==9.2.0 pytest-timeout==2.4.0 pluggy==1.7.0 iniconfig==2.3.1
-       Pygments==2.21.0 pytest-xdist==3.8.0 execnet==2.1.2)
+       Pygments==2.21.0 pytest-xdist==3.8.0 execnet==2.1.2
+       setuptools==84.2.1)  # torch >= 2.13 needs setuptools >= 77; a fresh venv of Python 3.11 has 65
 
 download() {
   local version="${PYTHON_VERSION:-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')}"
@@ -76,6 +77,8 @@ if not torch.cuda.is_available():
     if [[ -n "$reason" ]]; then fail "no GPU that torch can use here ($reason): this check is for a GPU box (docs/gpu.md)"; fi
     install
     run_checks ;;
-  --allow-cpu) install && run_checks --allow-cpu ;;
+  --allow-cpu)
+    install
+    run_checks --allow-cpu ;;
   *) fail "unknown argument '$1': give --download, --install-only, --allow-cpu or nothing" ;;
 esac
