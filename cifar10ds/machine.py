@@ -14,7 +14,6 @@ import traceback
 import deepspeed
 import deepspeed.comm as dist
 import torch
-import torch._inductor.config
 import torchvision
 from deepspeed.accelerator import get_accelerator
 
@@ -226,8 +225,8 @@ def choose_adam(config):
 
     DeepSpeed's Adam is a C++ (CPU) or CUDA op it compiles on a first run: a minute or more with a compiler, a
     crash without one (deepspeedai/DeepSpeed#1897, #2772), and every load asks py-cpuinfo twice (2.4 s a process).
-    torch's fused AdamW needs nothing built: a step of this Net's optimizer takes 0.31 ms on a CPU core against
-    the op's 0.13 ms, 3 % of a training step (BENCHMARKS.md). A config that sets "torch_adam" keeps its choice;
+    torch's fused AdamW needs nothing built: a step of this Net's optimizer takes 0.28 ms on a CPU core against
+    the op's 0.10 ms, 4 % of a training step (bench/adam_step.py). A config that sets "torch_adam" keeps its choice;
     fp16 master weights work only with DeepSpeed's CPU Adam, built once, then cached.
     """
     optimizer = config.get("optimizer") or {}
@@ -270,7 +269,8 @@ def compile_model(model_engine, args):
     except Exception as e:  # the backend's compiler is missing or broken: any error means eager training
         line = f"--compile: cannot compile on this machine ({backend}: {first_line(e)}); training eagerly"
     else:
-        torch._inductor.config.fallback_random = True
+        from torch._inductor import config  # here, not at the top: importing inductor adds 0.4 s to every start
+        config.fallback_random = True
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
         model_engine.compile(backend=backend)
         breaks = "; the MoE gate's capacity, read on the host, runs eagerly between compiled parts" if args.moe else ""
