@@ -24,7 +24,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_matrix import LEARN_STEPS, LEARNED, WORLDS  # noqa: E402
-from train_cells import parse_cell  # noqa: E402
+from train_cells import all_cells, parse_cell  # noqa: E402
 
 
 def train(cells, world, seed, report):
@@ -49,7 +49,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for world in WORLDS:
-                cells = [cell for cell in args.cells if parse_cell(cell)[3] == world]
+                # in the matrix's order, as the suite trains them: a launch trains its cells one after another
+                cells = [cell for cell in all_cells() if cell in args.cells and parse_cell(cell)[3] == world]
                 if not cells:
                     continue
                 report = train(cells, world, seed, os.path.join(tmp, f"w{world}-s{seed}.json"))

@@ -48,7 +48,7 @@ def pytest_terminal_summary(terminalreporter, config):
         for line in idle:
             terminalreporter.write_line(line)
     if REACHED:
-        terminalreporter.section("test accuracy each launch reached (the bounds are measured values less a margin)")
+        terminalreporter.section("test accuracy each launch reached, and its bound (TESTING.md)")
         for test, accuracy, least in REACHED:
             terminalreporter.write_line(f"{accuracy:5.1f} % (at least {least} %)  {test}")
 
