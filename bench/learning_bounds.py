@@ -14,7 +14,6 @@ apart, the seeds' spread is the rounding's.
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from test_matrix import LEARN_STEPS, LEARNED, WORLDS  # noqa: E402
+from test_matrix import LEARN_STEPS, LEARNED, WORLDS, first_and_last_losses  # noqa: E402
 from train_cells import all_cells, parse_cell  # noqa: E402
 
 
@@ -36,8 +35,8 @@ def train(cells, world, seed, report):
 
 
 def outcome(record):
-    losses = [loss for loss in record["losses"] if math.isfinite(loss)]  # as the test: fp16 skips overflow steps
-    return record["accuracy"], (sum(losses[-50:]) / 50) / (sum(losses[:50]) / 50)
+    first, last = first_and_last_losses(record)
+    return record["accuracy"], last / first
 
 
 def main():

@@ -127,6 +127,12 @@ def finite_losses(rank):
     return [loss for loss in rank["losses"] if math.isfinite(loss)]
 
 
+def first_and_last_losses(rank):
+    """The mean loss of the first 50 steps and of the last 50, of those fp16 did not skip for overflow."""
+    losses = finite_losses(rank)
+    return sum(losses[:50]) / 50, sum(losses[-50:]) / 50
+
+
 def learning_bounds(cell):
     """The least test accuracy and the largest loss ratio (last 50 steps over first 50) the cell must reach."""
     return LEARNED.get(cell, FLOOR)
@@ -135,8 +141,7 @@ def learning_bounds(cell):
 def assert_learns(report, cell):
     """The loss falls and the test accuracy ends where this cell was measured to end, less a margin."""
     rank = ranks_of(report, cell)[0]
-    losses = finite_losses(rank)
-    first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
+    first, last = first_and_last_losses(rank)
     min_accuracy, max_ratio = learning_bounds(cell)
     REACHED.append((f"test_matrix.py::test_learns[{cell}] (loss ratio {last / first:.3f})", rank["accuracy"],
                     min_accuracy))
