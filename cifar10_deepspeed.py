@@ -253,14 +253,19 @@ def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
 
 def resume(model_engine, args):
     """Continue from the newest checkpoint in --save-dir: weights, optimizer, LR schedule, loss scale, and the
-    position in the run with every rank's random numbers. Returns the Position to train on from."""
-    path = checkpoints.latest(args, model_engine)  # one that fits this run; None where --resume auto finds none
+    position in the run with every rank's random numbers; saved in this layout or another (world size, EP size,
+    ZeRO stage). Returns the Position to train on from."""
+    path, saved = checkpoints.latest(args, model_engine)  # one of this Net in this dtype; None: --resume auto found none
     if path is None:
         return checkpoints.Position()
+    move = checkpoints.move_of(saved, args, model_engine)  # "4 ranks EP 4 ZeRO 1 -> 2 ranks EP 2 ZeRO 2", or None
     with checkpoints.stop_if_it_cannot_load(path):
-        load_path, client_state = model_engine.load_checkpoint(args.save_dir, os.path.basename(path))
+        if move is None:
+            load_path, client_state = model_engine.load_checkpoint(args.save_dir, os.path.basename(path))
+        else:  # through DeepSpeed's universal checkpoint, experts by global id
+            load_path, client_state = checkpoints.load_in_this_layout(model_engine, args, path, saved, Net)
     fixes.replay_host_adam_steps(model_engine)
-    return checkpoints.position(load_path, client_state, path)
+    return checkpoints.position(load_path, client_state, path, move)
 
 
 def can_shard_eval(args, model_engine):

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 T = "tests/"
 LESSON, OPTIONS, DATA, LAUNCH = T + "test_cifar10_deepspeed.py", T + "test_options.py", T + "test_data.py", T + "test_launch.py"
 MACHINE, FIXES, CHECKPOINTS, METRICS = T + "test_machine.py", T + "test_fixes.py", T + "test_checkpoints.py", T + "test_metrics.py"
-MODEL_FILES = T + "test_model_files.py"
+MODEL_FILES, MOVES = T + "test_model_files.py", [T + "test_checkpoint_moves.py", "-k", "mid-epoch"]
 LAYOUT_EP2 = [T + "test_layouts.py", "-k", "fp32-zero0-top2-w2-ep2-acting"]
 SCRIPT, PACKAGE = "cifar10_deepspeed.py", "cifar10ds/"
 CONFIG, CHECKPOINT, DATASETS, FIX = PACKAGE + "options.py", PACKAGE + "checkpoints.py", PACKAGE + "data.py", PACKAGE + "fixes.py"
@@ -184,6 +184,15 @@ MUTANTS = [
      "        load_cpu_adam()\n", "        pass\n", [MACHINE, "-k", "fp16_master_weights_stop"]),
     ("every rank takes every core", RANKS, "max(1, len(os.sched_getaffinity(0)) // local_size)",
      "len(os.sched_getaffinity(0))", [LAUNCH, "-k", "share_of_the_cores"]),
+    # --resume into another layout
+    ("a move restarts Adam's moments", PACKAGE + "universal.py", 'torch.save({"param": value.clone(), "cat_dim": 0}',
+     'torch.save({"param": value.clone() if key == "fp32" else 0 * value, "cat_dim": 0}', MOVES),
+    ("a move gives each expert-parallel rank the first experts' states (#6589)", FIX,
+     "names.update({p: name for p, name in model_files.global_names(model_engine.module).items() if p in names})",
+     "pass", MOVES),
+    ("a move gives the experts of one expert-parallel rank another's masters and moments", FILES,
+     "add_piece(pieces, global_expert_name(name, rank % ep, ep,", "add_piece(pieces, global_expert_name(name, (rank + 1) % ep, ep,",
+     MOVES),
 ]
 
 

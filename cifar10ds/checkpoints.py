@@ -14,11 +14,12 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from cifar10ds import machine, model_files, options
+from cifar10ds import fixes, machine, model_files, options, universal
 
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
 CHECK_EVERY = 10  # optimizer steps between the ranks' agreement on a signal: one small all-reduce
 PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
+LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: load_in_this_layout
 SAVE_FAILED = 74  # the exit status of every rank when a checkpoint could not be written (EX_IOERR)
 
 
@@ -182,15 +183,16 @@ def mark_best(save_dir, tag, accuracy):
 
 
 def latest(args, model_engine):
-    """The checkpoint --resume continues from: the one 'latest' names in --save-dir, if it fits this run and every
-    file of it reads as data alone (model_files.load); None where --resume auto finds none. Anything else stops
-    every rank with one line."""
+    """The checkpoint --resume continues from, and the run that saved it (run.json): the one 'latest' names in
+    --save-dir, if it holds this Net in this dtype and every file of it reads as data alone (model_files.load);
+    (None, None) where --resume auto finds none. Anything else stops every rank with one line. Its layout (world
+    size, EP size, ZeRO stage) may differ from this run's: load_in_this_layout moves it."""
     path = os.path.join(args.save_dir, "latest")
     if not os.path.isfile(path):
         if args.resume == "auto":
             if dist.get_rank() == 0:
                 print(f"--resume auto: no checkpoint in {args.save_dir} yet, so training starts at epoch 1")
-            return None
+            return None, None
         machine.stop(f"error: --resume: no checkpoint in {args.save_dir} (it has no 'latest' file)")
     with open(path) as f:
         path = os.path.join(args.save_dir, f.read().strip())
@@ -200,18 +202,75 @@ def latest(args, model_engine):
     except (OSError, ValueError):
         machine.stop(f"error: --resume: checkpoint {path} is incomplete (no readable run.json)")
     described = run_description(args, model_engine)
-    changed_keys = [key for key, value in described.items() if saved.get(key) != value]
+    changed_keys = [key for key, value in described.items() if saved.get(key) != value and key not in LAYOUT]
     changed = [f"{key} {saved.get(key)} -> {described[key]}" for key in changed_keys]
     if changed:
         machine.stop(f"error: --resume: checkpoint {path} was saved by a different run ({', '.join(changed)}); "
                      f"resume with its settings, or save to another --save-dir"
-                     + (f"; to train on from its weights in this layout, start a new run with --init-from {path}"
-                        if set(changed_keys) <= {"world_size", "ep_world_size", "zero_stage", "dtype"} else ""))
+                     + (f"; to train on from its weights in this dtype, start a new run with --init-from {path}"
+                        if changed_keys == ["dtype"] else ""))
     try:
         model_files.check_files(path)  # the safe way first: DeepSpeed's load_checkpoint reads with weights_only=False
     except model_files.ModelFileError as e:
         machine.stop(f"error: --resume: {e}")
-    return path
+    return path, saved
+
+
+def ranks(count):
+    return f"{count} rank{'s' if count > 1 else ''}"
+
+
+def layout_of(run):
+    """A run's layout in a few words: 4 ranks EP 4 ZeRO 1."""
+    return " ".join([ranks(run["world_size"]), *([f"EP {run['ep_world_size']}"] if run["moe"] else []), f"ZeRO {run['zero_stage']}"])
+
+
+def move_of(saved, args, model_engine):
+    """How this run's layout differs from the saved run's ("4 ranks EP 4 ZeRO 1 -> 2 ranks EP 2 ZeRO 2"); None if not."""
+    now = run_description(args, model_engine)
+    return f"{layout_of(saved)} -> {layout_of(now)}" if any(saved[key] != now[key] for key in LAYOUT) else None
+
+
+def load_in_this_layout(model_engine, args, path, saved, Net):
+    """Load checkpoint `path`, saved in another layout, into this engine through DeepSpeed's universal checkpoint:
+    each parameter's fp32 master and Adam's moments and step whole, in `path`/universal (rank 0 writes it; every
+    rank then reads only its own parameters), with the LR schedule, the position and the random numbers of the
+    checkpoint. Returns what load_checkpoint returns.
+
+    DeepSpeed's converter (ds_to_universal) reads dense ZeRO checkpoints; for MoE, and for ZeRO 0, which it does
+    not read, model_files.adam_states joins the same states, experts by global id. DeepSpeed's load_universal
+    path loads them at ZeRO 1 to 3; at ZeRO 0, which it does not serve, load_unpartitioned does."""
+    folder = os.path.join(path, "universal")
+    error = None
+    if dist.get_rank() == 0:
+        if saved["moe"]:
+            print("--resume: DeepSpeed's universal checkpoint cannot convert deepspeed.moe experts "
+                  "(deepspeedai/DeepSpeed#5716), so their masters and Adam states are joined here, by global id")
+            draws = args.noisy_gate_policy or args.top_k == 2 or args.drop_tokens  # noise, 2nd expert, token selection
+            if draws and saved["world_size"] != dist.get_world_size():
+                print(f"note: the gate's random draws are each rank's own, so on {ranks(dist.get_world_size())} they "
+                      f"differ from those of the saved run's {ranks(saved['world_size'])} from here")
+        try:
+            universal.write(path, folder, saved, Net, model_engine)
+        except (model_files.ModelFileError, OSError) as e:
+            error = f"error: --resume: cannot move checkpoint {path} to this layout: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        machine.stop(next(e for e in errors if e))
+    if not model_engine.zero_optimization():
+        loaded = universal.load_unpartitioned(model_engine, folder)
+    else:
+        model_engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+        try:
+            with fixes.read_experts_by_global_id(model_engine):
+                loaded = model_engine.load_checkpoint(path, "universal")
+        finally:
+            model_engine._config.load_universal_checkpoint = False
+    if model_engine.lr_scheduler is not None:  # the universal files hold this run's fresh groups: lr of step 0
+        for group, lr in zip(model_engine.basic_optimizer.param_groups, model_engine.lr_scheduler.get_lr()):
+            group["lr"] = lr
+    return loaded
 
 
 @contextlib.contextmanager
@@ -226,19 +285,24 @@ def stop_if_it_cannot_load(path):
                      f"load_checkpoint: {reason}", every_rank=True)
 
 
-def position(load_path, client_state, path):
+def position(load_path, client_state, path, move=None):
     """The Position a loaded checkpoint continues from, once every rank has loaded its part; its random numbers
-    restored, and rank 0's line saying where the run goes on."""
+    restored where the saving run had this rank, and rank 0's line saying where the run goes on and, after a
+    `move` to another layout, from which layout to which."""
     if load_path is None:
         machine.stop(f"error: --resume: cannot load checkpoint {path}: DeepSpeed found no model states there")
     try:
         dist.barrier()  # a rank that could not load its part has exited: do not go on without it
     except RuntimeError:
         machine.stop(f"error: --resume: another rank could not load its part of checkpoint {path}")
-    start = Position(client_state["epoch"], client_state.get("step", 0), client_state["rng_states"][dist.get_rank()])
+    states = client_state["rng_states"]
+    rank_state = states[dist.get_rank()] if dist.get_rank() < len(states) else {
+        "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state(), "interval": None}
+    start = Position(client_state["epoch"], client_state.get("step", 0), rank_state)
     set_rng_state(start.rank_state)
     if dist.get_rank() == 0:
-        print(f"Resuming from {path} at epoch {start.epoch + 1}" + (f", step {start.step + 1}" if start.step else ""))
+        print(f"Resuming from {path} at epoch {start.epoch + 1}" + (f", step {start.step + 1}" if start.step else "")
+              + (f": {move}" if move else ""))
     return start
 
 

@@ -1,8 +1,10 @@
 """What DeepSpeed 0.19.8 gets wrong for this script, fixed at the narrowest point. Each fix says the upstream
 issue, what breaks without it, and when to delete it. The script applies them where they act: allow_fp16()
-with the config, prepare() before deepspeed.init_distributed, apply() after deepspeed.initialize, and
-replay_host_adam_steps() after load_checkpoint."""
+with the config, prepare() before deepspeed.init_distributed, apply() after deepspeed.initialize,
+read_experts_by_global_id() around a universal load_checkpoint, and replay_host_adam_steps() after
+load_checkpoint."""
 
+import contextlib
 import importlib
 
 import torch
@@ -13,7 +15,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
 from deepspeed.utils import groups
 
-from cifar10ds import options
+from cifar10ds import model_files, options
 
 
 def prepare(timeout):
@@ -138,6 +140,26 @@ def clip_by_the_global_norm(model_engine):
                                     model_engine.gradient_clipping(), norm)
 
     model_engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+@contextlib.contextmanager
+def read_experts_by_global_id(model_engine):
+    """Have DeepSpeed's universal checkpoint loader read each expert's files by its global id.
+
+    Upstream: deepspeedai/DeepSpeed#6589 (under expert parallelism every rank loads the first experts). The
+    loader finds a parameter's files (zero/<name>/) by its name in the ZeRO optimizer's param_names, and an
+    expert's name holds its index on its own rank, so every expert-parallel rank read the states of experts 0 to
+    E/EP - 1. Without it: a MoE checkpoint moved to EP 2 or more trained the wrong experts on from the wrong
+    moments. Delete when DeepSpeed's loader names experts by their global id.
+    """
+    names = model_engine.optimizer.param_names
+    original = dict(names)
+    names.update({p: name for p, name in model_files.global_names(model_engine.module).items() if p in names})
+    try:
+        yield
+    finally:
+        names.clear()
+        names.update(original)
 
 
 def replay_host_adam_steps(model_engine):

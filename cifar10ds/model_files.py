@@ -22,6 +22,8 @@ from cifar10ds import machine
 
 FORMAT = 1
 EXPERT_PARAMETER = re.compile(r"moe_layer_list\.(\d+)\..*deepspeed_experts\.(\d+)\.")  # its layer, its index
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, as torch names them
+STATES = ("fp32", *MOMENTS)  # a parameter's state in DeepSpeed's universal checkpoint: its master and moments
 MODEL_FLAGS = ("moe", "num_experts", "mlp_type", "top_k", "min_capacity", "noisy_gate_policy", "capacity_factor",
                "eval_capacity_factor", "drop_tokens")
 
@@ -80,6 +82,15 @@ def global_expert_name(name, ep_rank, ep_size, num_experts):
                         f"deepspeed_experts.{ep_rank * per_rank + int(match.group(2))}.")
 
 
+def global_names(module):
+    """Each parameter of a Net on this rank and its name with its expert's index global (global_expert_name)."""
+    layers = getattr(module, "moe_layer_list", [])
+    ep_size = layers[0].ep_size if layers else 1
+    ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep_size}") if ep_size > 1 else 0
+    return {p: global_expert_name(name, ep_rank, ep_size, [layer.num_experts for layer in layers])
+            for name, p in module.named_parameters()}
+
+
 def find_checkpoint(path):
     """(the --save-dir, the tag) of a save directory (its 'latest') or of one checkpoint directory."""
     path = os.path.normpath(path)
@@ -121,9 +132,13 @@ def weights(save_dir, tag, run, net, Net):
     if run["dtype"] == "fp32" and run["zero_stage"] < 3:
         return module_weights(folder), "fp32 weights, the run's master weights"
     if run["zero_stage"] == 0:  # fp16 or bf16: DeepSpeed wraps the optimizer in FP16_Optimizer for both
-        return fp16_masters(folder, run, Net), "fp32 master weights (DeepSpeed's FP16_Optimizer's copy)"
+        states, _ = adam_states(folder, run, Net)
+        return {name: state["fp32"] for name, state in states.items()}, ("fp32 master weights (DeepSpeed's "
+                                                                         "FP16_Optimizer's copy)")
     if run["moe"]:  # ZeRO 1 or 2 in fp16 or bf16: zero_to_fp32 does not read MoE (deepspeedai/DeepSpeed#1876)
-        return partitioned_masters(folder, run, net), "fp32 master weights (each rank's partition, joined here)"
+        states, _ = adam_states(folder, run, Net)
+        return ({name: state["fp32"] for name, state in states.items()},
+                "fp32 master weights (each rank's partition, joined here)")
     # ZeRO-3's model files hold no weights, and ZeRO's fp32 masters are partitioned over the ranks:
     # DeepSpeed's zero_to_fp32 joins them.
     check_files(folder)  # zero_to_fp32 reads them with weights_only=False
@@ -135,64 +150,94 @@ def weights(save_dir, tag, run, net, Net):
     return state, "fp32 master weights (ZeRO partitions joined by DeepSpeed's zero_to_fp32)"
 
 
-def partitioned_masters(folder, run, net):
+def adam_states(folder, run, Net):
+    """Every parameter's fp32 master and Adam's moments (STATES), experts by global id, and Adam's step count, from
+    a checkpoint at ZeRO stage 0, 1 or 2, dense or MoE: what a run needs to go on in another layout. Raises
+    ModelFileError."""
+    pieces, steps = (unpartitioned_pieces if run["zero_stage"] == 0 else partition_pieces)(folder, run, Net)
+    shapes = {name: p.shape for name, p in build_net(Net, run["model"]).named_parameters()}
+    if set(pieces) != set(shapes) or len(steps) != 1:
+        raise ModelFileError(f"the optimizer files of {folder} do not hold one Adam state of every parameter of this "
+                             f"Net (parameters {sorted(set(shapes) ^ set(pieces))[:2] or 'all there'}, steps "
+                             f"{sorted(steps)})")
+    states = {}
+    for name, parts in pieces.items():
+        whole = {key: torch.cat(parts[key]) for key in STATES}
+        if any(value.numel() != shapes[name].numel() for value in whole.values()):
+            raise ModelFileError(f"the optimizer files of {folder} do not match this Net's parameters ({name})")
+        states[name] = {key: value.view(shapes[name]) for key, value in whole.items()}
+    return states, steps.pop()
+
+
+def add_piece(pieces, name, values):
+    for key, value in values.items():
+        pieces.setdefault(name, {}).setdefault(key, []).append(value)
+
+
+def partition_pieces(folder, run, Net):
     """ZeRO 1 and 2 (and DeepSpeed's BF16_Optimizer, which it takes for bf16 ZeRO 1 with fp32 gradient
     accumulation, in bf16_-prefixed files): each rank's file holds its partition of every parameter group's flat
-    fp32 copy and where each parameter's piece lies in it (param_slice_mappings). A parameter's pieces in partition
-    order make it whole. The non-expert groups are partitioned over all ranks; an expert group over the ranks of
-    one expert-parallel rank (rank % EP), in rank order, which is the order of the ranks' own files."""
+    fp32 copy and of Adam's moments, and where each parameter's piece lies in them (param_slice_mappings). A
+    parameter's pieces in partition order make it whole. The non-expert groups are partitioned over all ranks; an
+    expert group over the ranks of one expert-parallel rank (rank % EP), in rank order, which is the order of the
+    ranks' own files."""
     ep = run["ep_world_size"] or 1
     prefix = "bf16_" if os.path.isfile(os.path.join(folder, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")) else ""
-    pieces = {}
+    pieces, steps = {}, set()
     for rank in range(run["world_size"]):
         path = os.path.join(folder, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         try:
             state = load(path)["optimizer_state_dict"]
-            for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"],
-                                     strict=True):
+            adam = state["base_optimizer_state"]["state"]
+            for group, (flat, mapping) in enumerate(zip(state["single_partition_of_fp32_groups"],
+                                                         state["param_slice_mappings"], strict=True)):
+                steps.add(int(adam[group]["step"]))
                 for name, address in mapping.items():
-                    name = global_expert_name(name, rank % ep, ep, run["model"]["num_experts"])
-                    pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFileError(f"cannot read the fp32 master weights in {path}: {type(e).__name__}: {e}")
-    shapes = {name: p.shape for name, p in net.named_parameters()}
-    masters = {}
-    for name, parts in pieces.items():
-        whole = torch.cat(parts)
-        if name not in shapes or whole.numel() != shapes[name].numel():
-            raise ModelFileError(f"the fp32 master weights in {folder} do not match this Net's parameters ({name})")
-        masters[name] = whole.view(shapes[name])
-    return masters
+                    add_piece(pieces, global_expert_name(name, rank % ep, ep, run["model"]["num_experts"]),
+                              {key: tensor.narrow(0, address.start, address.numel)
+                               for key, tensor in (("fp32", flat), *((m, adam[group][m]) for m in MOMENTS))})
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise ModelFileError(f"cannot read the optimizer state in {path}: {type(e).__name__}: {e}")
+    return pieces, steps
 
 
-def fp16_masters(folder, run, Net):
-    """fp16 without ZeRO: FP16_Optimizer keeps one flat fp32 copy per parameter group, in each expert-parallel
-    rank's optimizer file; the groups hold the non-expert parameters, then the rank's experts, each in the
-    Net's order. Rebuilt by the shapes of a Net of the run's expert-parallel size."""
+def unpartitioned_pieces(folder, run, Net):
+    """ZeRO 0: each expert-parallel rank's optimizer file (the model file without MoE) holds its Adam: torch's, one
+    state per parameter, in fp32, where the masters are the module's weights; in fp16 and bf16 DeepSpeed's
+    FP16_Optimizer, one flat fp32 copy and state per parameter group. A group holds the non-expert parameters or
+    the rank's experts (all parameters where no group is an expert group), each in the Net's order, as built at
+    the run's expert-parallel size."""
     ep = run["ep_world_size"] or 1
     named = list(build_net(Net, run["model"], ep).named_parameters())
-    dense = [(name, p) for name, p in named if not is_moe_param(p)]
-    experts = [(name, p) for name, p in named if is_moe_param(p)]
-    masters = {}
-    files = ["mp_rank_00_model_states.pt"] if not run["moe"] else [f"expp_rank_{r}_mp_rank_00_optim_states.pt"
-                                                                   for r in range(ep)]
-    for rank, file in enumerate(files):
+    files = [f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ep)] if run["moe"] else [
+        "mp_rank_00_model_states.pt"]
+    module = module_weights(folder) if run["dtype"] == "fp32" else None
+    pieces, steps = {}, set()
+    for ep_rank, file in enumerate(files):
+        path = os.path.join(folder, file)
         try:
-            flats = load(os.path.join(folder, file))["optimizer"]["fp32_groups_flat"]
-        except (KeyError, TypeError) as e:
-            raise ModelFileError(f"cannot read the fp32 master weights in {os.path.join(folder, file)}: "
-                                 f"{type(e).__name__}: {e}")
-        flat = torch.cat([f.flatten() for f in flats[1:]]) if len(flats) > 1 else torch.empty(0)
-        for params, values in ((dense, flats[0]), (experts, flat)):
-            if sum(p.numel() for _, p in params) != values.numel():
-                raise ModelFileError(f"the fp32 master weights in {os.path.join(folder, file)} do not match this "
-                                     f"Net's parameters")
-            offset = 0
-            for name, p in params:
-                value = values[offset:offset + p.numel()].view(p.shape)
-                offset += p.numel()
-                masters[global_expert_name(name, rank, ep, run["model"]["num_experts"])] = value
-    return masters
+            optimizer = load(path)["optimizer"]
+            flats = optimizer.get("fp32_groups_flat")  # FP16_Optimizer's
+            adam = optimizer["optimizer_state_dict"] if flats is not None else optimizer
+            experts = any(group.get("moe") for group in adam["param_groups"])
+            for g, group in enumerate(adam["param_groups"]):
+                params = [(n, p) for n, p in named if not experts or is_moe_param(p) == bool(group.get("moe"))]
+                offset = 0
+                for i, (name, p) in enumerate(params):
+                    name = global_expert_name(name, ep_rank, ep, run["model"]["num_experts"])
+                    state = adam["state"][group["params"][0 if flats is not None else i]]
+                    steps.add(int(state["step"]))
+                    if flats is not None:
+                        values = {key: tensor.narrow(0, offset, p.numel()) for key, tensor in
+                                  (("fp32", flats[g]), *((m, state[m]) for m in MOMENTS))}
+                        offset += p.numel()
+                    else:
+                        values = {"fp32": module[name], **{m: state[m] for m in MOMENTS}}
+                    if ep_rank == 0 or EXPERT_PARAMETER.search(name):  # every rank holds the non-expert ones
+                        add_piece(pieces, name, {key: value.flatten() for key, value in values.items()})
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise ModelFileError(f"cannot read the optimizer state in {path}: {type(e).__name__}: {e}")
+    return pieces, steps
 
 
 def with_shared_names(net, state):

@@ -200,12 +200,11 @@ def test_resume_from_a_partial_checkpoint_is_refused(launch, saved_dense_run, tm
 
 
 @pytest.mark.slow
-def test_resume_on_another_world_size_is_refused_and_names_init_from_which_trains_on(launch, saved_dense_run):
+def test_resume_in_another_dtype_is_refused_and_names_init_from_which_trains_on(launch, saved_dense_run):
     cmd, save_dir = saved_dense_run
-    two_ranks = ["deepspeed", "--num_gpus", "2", *cmd[1:]]
-    assert refused(launch, two_ranks, save_dir) == (
-        f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run (world_size 1 -> 2); "
-        "resume with its settings, or save to another --save-dir; to train on from its weights in this layout, "
+    assert refused(launch, cmd, save_dir, "--dtype", "bf16") == (
+        f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run (dtype fp32 -> bf16); "
+        "resume with its settings, or save to another --save-dir; to train on from its weights in this dtype, "
         f"start a new run with --init-from {save_dir / 'epoch1'}")
     run = launch(*cmd, "--init-from", save_dir / "epoch1", "--dtype", "bf16", "--stage", "2")  # another layout
     assert run.returncode == 0, run.output[-3000:]
