@@ -181,7 +181,7 @@ def test_resume_into_another_model_shape_is_refused(launch, saved_dense_run):
     cmd, save_dir = saved_dense_run
     assert refused(launch, cmd, save_dir, "--moe", "--num-experts", "2") == (
         f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run "
-        "(moe False -> True, num_experts None -> [2], mlp_type None -> standard, ep_world_size None -> 1); "
+        "(moe False -> True, num_experts None -> [2], mlp_type None -> standard); "
         "resume with its settings, or save to another --save-dir")
 
 
