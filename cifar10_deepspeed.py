@@ -255,7 +255,7 @@ def resume(model_engine, args):
     """Continue from the newest checkpoint in --save-dir: weights, optimizer, LR schedule, loss scale, and the
     position in the run with every rank's random numbers; saved in this layout or another (world size, EP size,
     ZeRO stage). Returns the Position to train on from."""
-    path, saved = checkpoints.latest(args, model_engine)  # one of this Net in this dtype; None: --resume auto found none
+    path, saved = checkpoints.latest(args, model_engine)  # this Net, this dtype; None: auto found none
     if path is None:
         return checkpoints.Position()
     move = checkpoints.move_of(saved, args, model_engine)  # "4 ranks EP 4 ZeRO 1 -> 2 ranks EP 2 ZeRO 2", or None

@@ -222,11 +222,12 @@ def ranks(count):
 
 def layout_of(run):
     """A run's layout in a few words: 4 ranks EP 4 ZeRO 1."""
-    return " ".join([ranks(run["world_size"]), *([f"EP {run['ep_world_size']}"] if run["moe"] else []), f"ZeRO {run['zero_stage']}"])
+    expert_parallel = [f"EP {run['ep_world_size']}"] if run["moe"] else []
+    return " ".join([ranks(run["world_size"]), *expert_parallel, f"ZeRO {run['zero_stage']}"])
 
 
 def move_of(saved, args, model_engine):
-    """How this run's layout differs from the saved run's ("4 ranks EP 4 ZeRO 1 -> 2 ranks EP 2 ZeRO 2"); None if not."""
+    """How this run's layout differs from the saved run's ("4 ranks EP 4 ZeRO 1 -> 2 ranks EP 2 ZeRO 2"), or None."""
     now = run_description(args, model_engine)
     return f"{layout_of(saved)} -> {layout_of(now)}" if any(saved[key] != now[key] for key in LAYOUT) else None
 

@@ -99,7 +99,8 @@ def load_unpartitioned(model_engine, folder):
                                     **{m: torch.cat([value.flatten() for value in values[m]]).to(flats[g].device)
                                        for m in model_files.MOMENTS}}
     engine_state = model_files.load(os.path.join(folder, "mp_rank_00_model_states.pt"))
-    model_engine.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
+    if model_engine.lr_scheduler is not None:  # a config may have no scheduler
+        model_engine.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
     for key in ("global_steps", "global_samples", "skipped_steps"):
         setattr(model_engine, key, engine_state[key])
     return folder, {key: engine_state[key] for key in ("epoch", "step", "rng_states")}
