@@ -85,8 +85,8 @@ class Net(nn.Module):
 
     Names and construction order are the reference's, so are its state_dict keys and, after one seed, its weights.
     Every MoE layer gets the one expert template (its experts start as copies of it; PR-MoE layers share it as
-    their dense MLP). A forward pass leaves each layer's gate aux loss and tokens per expert in `aux_losses` and
-    `expert_counts`."""
+    their dense MLP). A forward pass leaves each layer's gate aux loss in `aux_losses`; `router` watches the gates:
+    what each expert was sent and kept, what was dropped (cifar10ds/metrics.py, docs/moe.md)."""
 
     def __init__(self, args):
         super().__init__()
@@ -104,7 +104,8 @@ class Net(nn.Module):
                     noisy_gate_policy=args.noisy_gate_policy, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, drop_tokens=args.drop_tokens)
                 for n in args.num_experts])
-            self.aux_losses, self.expert_counts = [], []
+            self.aux_losses = []
+            self.router = metrics.Router(self.moe_layer_list)
             self.fc4 = nn.Linear(84, 10)
         else:
             self.fc3 = nn.Linear(84, 10)
@@ -117,11 +118,10 @@ class Net(nn.Module):
         x = F.relu(self.fc2(x))
         if not self.moe:
             return self.fc3(x)
-        self.aux_losses, self.expert_counts = [], []
+        self.aux_losses = []
         for layer in self.moe_layer_list:
-            x, aux_loss, expert_counts = layer(x)
+            x, aux_loss, _ = layer(x)  # and the tokens sent to each expert, which the router adds up
             self.aux_losses.append(aux_loss)
-            self.expert_counts.append(expert_counts)
         return self.fc4(x)
 
 
@@ -301,6 +301,8 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, s
                                                shard)
     if dist.get_rank() == 0:
         print("\n".join(metrics.accuracy_lines(class_correct, class_total)))
+    if model_engine.module.moe:
+        metrics.print_test_drops(model_engine)  # beyond the reference: the tokens each MoE layer dropped
     return sum(class_correct) / sum(class_total)
 
 

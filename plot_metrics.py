@@ -3,8 +3,9 @@
     python plot_metrics.py DIR [-o metrics.png]
 
 Panels: training loss (each step's, and its running mean) and learning rate,
-test accuracy, and each MoE layer's share of tokens per expert, all against
-training samples seen.
+test accuracy, and for each MoE layer the tokens sent to each expert with the
+share dropped, and each expert's fill of its capacity with the router's entropy
+and aux loss, all against training samples seen.
 """
 
 import argparse
@@ -47,42 +48,67 @@ def find_metrics(metrics_dir):
     raise SystemExit(f"plot_metrics.py: error: no CSV metrics in {metrics_dir} or {metrics_dir}/cifar10")
 
 
+def series(folder, name):
+    """A series' (steps, values), or None where the run wrote none."""
+    path = os.path.join(folder, f"{name}.csv")
+    return read_csv(path) if os.path.exists(path) else None
+
+
+def plot_router(folder, layer, sent, kept):
+    """Two panels of one MoE layer: each expert's share of the tokens sent and the share of assignments dropped
+    (in training, and at each evaluation); each expert's fill of its capacity, and the router's entropy and aux
+    loss on the right axis."""
+    for ax, figure, label in ((sent, "share", "token share"), (kept, "fill", "fill of capacity")):
+        paths = glob.glob(os.path.join(folder, f"MoE_layer{layer}_expert*_{figure}.csv"))
+        experts = {int(re.search(r"expert(\d+)", path).group(1)): path for path in paths}
+        for expert in sorted(experts):
+            ax.plot(*read_csv(experts[expert]), lw=1, label=f"expert {expert}")
+        ax.set_ylabel(f"layer {layer} {label}")
+        ax.set_ylim(-0.03, 1.03)
+    for name, style, label in ((f"MoE_layer{layer}_dropped", dict(color="black", ls="--"), "dropped"),
+                               (f"Eval_layer{layer}_dropped", dict(color="black", ls="", marker="x"),
+                                "dropped at evaluation")):
+        if points := series(folder, name):
+            sent.plot(*points, label=label, **style)
+    sent.legend(loc="upper right", fontsize="small", ncol=1 + len(sent.lines) // 9)
+    twin = kept.twinx()
+    for name, color in ((f"MoE_layer{layer}_entropy", "tab:gray"), (f"MoE_layer{layer}_aux_loss", "tab:brown")):
+        if points := series(folder, name):
+            twin.plot(*points, color=color, ls=":", label=name.split("_", 2)[2].replace("_", " "))
+    twin.set_ylabel("entropy (nats), aux loss")
+    lines = kept.lines + twin.lines
+    kept.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small",
+                ncol=1 + len(lines) // 9)
+
+
 def plot(metrics_dir, output):
     folder = find_metrics(metrics_dir)
     shares = sorted(glob.glob(os.path.join(folder, "MoE_layer*_expert*_share.csv")))
     layers = sorted({re.search(r"layer(\d+)", p).group(1) for p in shares}, key=int)
-    fig, axes = plt.subplots(2 + len(layers), 1, figsize=(8, 3 * (2 + len(layers))), sharex=True, squeeze=False)
+    panels = 2 + 2 * len(layers)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=True, squeeze=False)
     axes = axes[:, 0]
 
     lines = []
-    loss = os.path.join(folder, "Train_Samples_train_loss.csv")
-    if os.path.exists(loss):
-        steps, losses = read_csv(loss)
+    if loss := series(folder, "Train_Samples_train_loss"):
+        steps, losses = loss
         window = max(1, len(losses) // 50)  # 2% of the run: the trend, without each batch's noise
         lines += axes[0].plot(steps, losses, color="tab:blue", lw=0.5, alpha=0.3, label="train loss (step)")
         lines += axes[0].plot(steps, running_mean(losses, window), color="tab:blue", lw=1.5,
                               label=f"train loss (mean of {window} steps)")
-    lr = os.path.join(folder, "Train_Samples_lr.csv")
-    if os.path.exists(lr):
+    if lr := series(folder, "Train_Samples_lr"):
         twin = axes[0].twinx()
-        lines += twin.plot(*read_csv(lr), color="tab:gray", lw=1, label="learning rate (right axis)")
+        lines += twin.plot(*lr, color="tab:gray", lw=1, label="learning rate (right axis)")
         twin.set_ylabel("learning rate")
     axes[0].set_ylabel("loss")
     axes[0].legend(lines, [line.get_label() for line in lines], loc="upper right")
 
-    accuracy = os.path.join(folder, "Eval_accuracy.csv")
-    if os.path.exists(accuracy):
-        axes[1].plot(*read_csv(accuracy), marker="o")
+    if accuracy := series(folder, "Eval_accuracy"):
+        axes[1].plot(*accuracy, marker="o")
     axes[1].set_ylabel("test accuracy (%)")
 
-    for ax, layer in zip(axes[2:], layers):
-        paths = glob.glob(os.path.join(folder, f"MoE_layer{layer}_expert*_share.csv"))
-        experts = {int(re.search(r"expert(\d+)", path).group(1)): path for path in paths}
-        for expert in sorted(experts):
-            ax.plot(*read_csv(experts[expert]), label=f"expert {expert}")
-        ax.set_ylabel(f"layer {layer} token share")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(loc="upper right")
+    for layer, sent, kept in zip(layers, axes[2::2], axes[3::2]):
+        plot_router(folder, layer, sent, kept)
 
     axes[-1].set_xlabel("training samples")
     fig.tight_layout()

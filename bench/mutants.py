@@ -25,6 +25,7 @@ LESSON, OPTIONS, DATA, LAUNCH = T + "test_cifar10_deepspeed.py", T + "test_optio
 MACHINE, FIXES, CHECKPOINTS, METRICS = T + "test_machine.py", T + "test_fixes.py", T + "test_checkpoints.py", T + "test_metrics.py"
 MODEL_FILES, MOVES = T + "test_model_files.py", [T + "test_checkpoint_moves.py", "-k", "mid-epoch"]
 LAYOUT_EP2 = [T + "test_layouts.py", "-k", "fp32-zero0-top2-w2-ep2-acting"]
+ROUTES = [METRICS, "-k", "independent_count and 2"]
 SCRIPT, PACKAGE = "cifar10_deepspeed.py", "cifar10ds/"
 CONFIG, CHECKPOINT, DATASETS, FIX = PACKAGE + "options.py", PACKAGE + "checkpoints.py", PACKAGE + "data.py", PACKAGE + "fixes.py"
 RANKS, ACCELERATOR, LINES, FILES = PACKAGE + "launch.py", PACKAGE + "machine.py", PACKAGE + "metrics.py", PACKAGE + "model_files.py"
@@ -61,11 +62,15 @@ MUTANTS = [
      "{100 * sum(class_correct) // total: .0f} %", [METRICS]),
     ("class names are not right-aligned", LINES, 'f"Accuracy of {name:>5s} : {100 * correct',
      'f"Accuracy of {name:<5s} : {100 * correct', [METRICS]),
-    # the expert load
-    ("the aux loss is not averaged over the ranks", LINES, "(self.steps * dist.get_world_size())", "self.steps",
-     [METRICS]),
-    ("expert shares are not normalized", LINES, "shares = [(c / c.sum().clamp(min=1)).tolist()", "shares = [c.tolist()",
-     [METRICS]),
+    # the router's figures
+    ("the aux loss is not averaged over every rank's passes", LINES, '"aux_loss": (aux_loss / passes.clamp(min=1))',
+     '"aux_loss": (aux_loss / passes.clamp(min=1) * dist.get_world_size())', [METRICS, "-k", "router or aux_loss"]),
+    ("expert shares are not normalized", LINES, '"shares": (s / s.sum().clamp(min=1)).tolist()', '"shares": s.tolist()',
+     [METRICS, "-k", "router"]),
+    ("dropped assignments count as kept", LINES, "routes.flatten() + 1", "routes.flatten().abs() + 1",
+     ROUTES),
+    ("the figures are one rank's, not all ranks'", LINES, "        dist.all_reduce(totals)\n", "\n", ROUTES),
+    ("a dead expert is not named", LINES, "if share == 0]", "if share < 0]", ROUTES),
     # data
     ("every rank downloads", SCRIPT, "datasets = data.load_datasets(args, download=first_on_node)",
      "datasets = data.load_datasets(args, download=True)", [DATA, "-k", "download"]),

@@ -3,6 +3,7 @@
     python bench/throughput.py [--rounds 2] [--epochs 2]
     python bench/throughput.py --data-paths    # the tensor data path against the PIL path
     python bench/throughput.py --only "1 (rank|process)" --no-compile   # the rows one GPU runs, without compile
+    python bench/throughput.py --only MoE --no-compile --baseline HEAD~1  # each row against another commit's
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -15,7 +16,9 @@ interval slowed by compiling counts in the start-up), and for launcher runs
 the part of it before DeepSpeed's launcher spawned the ranks (when it logs
 "spawned with command"). The --compile rows run with inductor's cache cold
 (a new, empty one each run: what a first run pays) or warm (one filled by a
-run before the rounds: what a re-run pays). Prints a Markdown table.
+run before the rounds: what a re-run pays). With --baseline REF, each chosen
+row also runs from a git worktree of commit REF, in the same rounds, and the
+table gets its ratio to that row. Prints a Markdown table.
 """
 
 import argparse
@@ -115,6 +118,15 @@ def compare_data_paths(rounds, epochs, runs):
             print(f"| {what} | {batch} | {tensor:.2f} | {pil:.2f} | {tensor / pil:.2f} |")
 
 
+def at_commit(runs, ref):
+    """The rows run from a worktree of commit `ref` (removed at exit): each command's files there, named `(at REF)`."""
+    worktree = tempfile.mkdtemp(prefix="baseline-")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", worktree, ref], check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "-C", ROOT, "worktree", "remove", "--force", worktree])
+    moved = lambda part: part.replace(ROOT, worktree, 1) if part.startswith(ROOT) and part != sys.executable else part
+    return [(f"{name} (at {ref})", [moved(part) for part in cmd], env) for name, cmd, env in runs]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -124,11 +136,14 @@ def main():
     parser.add_argument("--only", default="", help="only the rows whose name matches this regular expression "
                         "(the plain loop and DeepSpeed's dense 1-rank row, the ratios' bases, always run)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the --compile rows")
+    parser.add_argument("--baseline", metavar="REF", help="also run each chosen row from git commit REF, side by side")
     args = parser.parse_args()
     runs = [config for config in CONFIGS if re.search(args.only, config[0]) or config in CONFIGS[:2]]
     runs = [config for config in runs if not (args.no_compile and "--compile" in config[1])]
     if args.data_paths:
         return compare_data_paths(args.rounds, args.epochs, [run for run in DATA_PATH_RUNS if re.search(args.only, run[0])])
+    baselines = dict(zip((name for name, _, _ in runs[2:]), at_commit(runs[2:], args.baseline))) if args.baseline else {}
+    runs += list(baselines.values())
     results = {name: [] for name, _, _ in runs}
     for _, cmd, env in (config for config in runs if config[2] is WARM):
         measure(cmd, env, 1)  # fills the warm cache
@@ -137,14 +152,17 @@ def main():
             results[name].append(measure(cmd, env, args.epochs)[:3])
     plain = statistics.median(run[0] for run in results[CONFIGS[0][0]])
     one_rank = statistics.median(run[0] for run in results[CONFIGS[1][0]])
+    against = f" | vs {args.baseline}" if args.baseline else ""
     print(f"| configuration ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16) | samples/s | vs plain PyTorch "
-          "| vs DeepSpeed 1 rank | start-up s | of which launcher s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, runs in results.items():
-        speed, startup, launcher = (statistics.median(column) if None not in column else None
-                                    for column in zip(*runs))
+          f"| vs DeepSpeed 1 rank | start-up s | of which launcher s{against} |")
+    print("| --- " * (6 + bool(args.baseline)) + "|")
+    medians = {name: [statistics.median(column) if None not in column else None for column in zip(*runs)]
+               for name, runs in results.items()}
+    for name, (speed, startup, launcher) in medians.items():
         launcher = "-" if launcher is None else f"{launcher:.1f}"
-        print(f"| {name} | {speed:.0f} | {speed / plain:.2f} | {speed / one_rank:.2f} | {startup:.1f} | {launcher} |")
+        ratio = f" | {speed / medians[baselines[name][0]][0]:.3f}" if name in baselines else " | -" * bool(against)
+        print(f"| {name} | {speed:.0f} | {speed / plain:.2f} | {speed / one_rank:.2f} | {startup:.1f} | {launcher}"
+              f"{ratio} |")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@ expert load at each log interval, DeepSpeed's CSV and TensorBoard monitors, and 
 (docs/monitoring.md, docs/moe.md)."""
 
 import contextlib
+import functools
 import math
+import statistics
 import sys
 import time
 
 import deepspeed.comm as dist
 import torch
+import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 from tqdm import tqdm
@@ -52,42 +55,129 @@ def add_monitors(config, args):
             config[key] = {"enabled": True, "output_path": folder, "job_name": "cifar10"}
 
 
-class ExpertLoad:
-    """Tokens routed to each expert, and the gate aux loss, of every MoE layer over one log interval."""
+LEVERS = ("balance the router with --moe-aux-loss-coef 0.01 or --noisy-gate-policy RSample, or keep the tokens "
+          "with --no-drop-tokens or a higher --capacity-factor and --eval-capacity-factor (docs/moe.md)")
 
-    def __init__(self, net, device):
-        self.counts = [torch.zeros(layer.num_experts, device=device) for layer in net.moe_layer_list]
-        self.aux_losses = torch.zeros(len(net.moe_layer_list), device=device)
-        self.steps = 0
 
-    def add(self, net):
-        for total, counts in zip(self.counts, net.expert_counts):
-            total += counts
-        self.aux_losses += torch.stack([aux.detach().float() for aux in net.aux_losses])
-        self.steps += 1
+class Router:
+    """What each MoE layer's gate did: the tokens it sent each expert (DeepSpeed's exp_counts, before the capacity
+    cut), those each expert kept, the capacity, the router's entropy and its aux loss over a log interval; at
+    evaluation, the assignments sent and kept.
+
+    DeepSpeed's gate computes these and logs none of them. A forward hook on each gate adds them up on the device,
+    and the capacity, tokens and passes on the host (DeepSpeed's layer reads the capacity there anyway), so a step
+    waits for nothing; summarize() reads them once per interval.
+    """
+
+    def __init__(self, moe_layers):
+        self.gates = [layer.deepspeed_moe.gate for layer in moe_layers]
+        self.experts = [layer.num_experts for layer in moe_layers]
+        self.eval_capacity_factor = self.gates[0].eval_capacity_factor
+        self.sent = [torch.zeros(n) for n in self.experts]  # assignments sent to each expert
+        self.routed = [torch.zeros(n + 1) for n in self.experts]  # assignments dropped, then kept by each expert
+        self.sums = [torch.zeros(2) for _ in self.gates]  # entropy summed over tokens, aux loss summed over passes
+        self.counts = [[0.0] * 3 for _ in self.gates]  # capacity per expert summed over passes, tokens, passes
+        self.tested = torch.zeros(len(self.gates), 2)  # assignments sent and kept at evaluation
+        self.ones = {}  # a vector of ones per route count, to count routes with
+        for layer, gate in enumerate(self.gates):
+            gate.register_forward_hook(functools.partial(self.record, layer))
+
+    @torch.no_grad()
+    def record(self, layer, gate, inputs, output):
+        """Add one forward pass of a gate: its routes (expert index per choice and token, -1 where dropped)."""
+        aux_loss, capacity, _, routes, _, _, sent = output
+        if self.tested.device != sent.device:
+            self.to(sent.device)
+        if not gate.training:
+            self.tested[layer] += torch.stack([sent.sum(), (routes >= 0).sum()])
+            return
+        if routes.numel() not in self.ones:
+            self.ones[routes.numel()] = torch.ones(routes.numel(), device=routes.device)
+        self.sent[layer] += sent
+        self.routed[layer].index_add_(0, routes.flatten() + 1, self.ones[routes.numel()])
+        probabilities = F.linear(inputs[0].float(), gate.wg.weight.float()).softmax(dim=1)
+        self.sums[layer] += torch.stack([torch.special.entr(probabilities).sum(), aux_loss.detach().float()])
+        counts = self.counts[layer]
+        counts[0], counts[1], counts[2] = counts[0] + float(capacity), counts[1] + len(probabilities), counts[2] + 1
+
+    def to(self, device):
+        self.sent, self.routed, self.sums = ([t.to(device) for t in totals] for totals in (self.sent, self.routed,
+                                                                                           self.sums))
+        self.tested, self.ones = self.tested.to(device), {}
 
     def summarize(self):
-        """Each layer's share of tokens per expert and mean aux loss, over all ranks; every rank must call it."""
-        totals = torch.cat(self.counts + [self.aux_losses])
+        """Each layer's figures over the interval and all ranks: a dict of the share of tokens sent to each expert,
+        each expert's fill of its capacity, the share of assignments dropped, the router's mean entropy (nats;
+        log(experts) for an even split) and the mean aux loss. Every rank must call it."""
+        totals = torch.cat([*self.sent, *self.routed, *self.sums, torch.tensor(self.counts, device=self.tested.device)
+                            .flatten()])
         dist.all_reduce(totals)
-        counts = totals[:-len(self.aux_losses)].split([len(c) for c in self.counts])
-        shares = [(c / c.sum().clamp(min=1)).tolist() for c in counts]
-        aux_losses = (totals[-len(self.aux_losses):] / (self.steps * dist.get_world_size())).tolist()
+        totals = totals.cpu().double()  # counts are whole numbers: their ratios as exact as the host can
+        n, layers = sum(self.experts), len(self.gates)
+        sent, routed, sums, counts = totals.split([n, n + layers, 2 * layers, 3 * layers])
         self.reset()
-        return shares, aux_losses
+        return [{"shares": (s / s.sum().clamp(min=1)).tolist(), "fills": (r[1:] / capacity.clamp(min=1)).tolist(),
+                 "dropped": (r[0] / s.sum().clamp(min=1)).item(), "entropy": (entropy / tokens.clamp(min=1)).item(),
+                 "aux_loss": (aux_loss / passes.clamp(min=1)).item()}
+                for s, r, (entropy, aux_loss), (capacity, tokens, passes)
+                in zip(sent.split(self.experts), routed.split([e + 1 for e in self.experts]), sums.view(-1, 2),
+                       counts.view(-1, 3))]
+
+    def summarize_test(self):
+        """Each layer's share of assignments dropped at evaluation since the last call, over all ranks."""
+        tested = self.tested.clone()
+        dist.all_reduce(tested)
+        self.tested.zero_()
+        return [((sent - kept) / sent.clamp(min=1)).item() for sent, kept in tested.cpu().double()]
 
     def reset(self):
-        for total in self.counts + [self.aux_losses]:
+        for total in self.sent + self.routed + self.sums:
             total.zero_()
-        self.steps = 0
+        self.counts = [[0.0] * 3 for _ in self.gates]
 
     def state(self):
-        return {"counts": [c.tolist() for c in self.counts], "aux_losses": self.aux_losses.tolist(), "steps": self.steps}
+        return {name: [t.tolist() for t in getattr(self, name)] for name in ("sent", "routed", "sums")} | {
+            "counts": self.counts}
 
     def load_state(self, state):
-        for total, counts in zip(self.counts + [self.aux_losses], state["counts"] + [state["aux_losses"]]):
-            total.copy_(torch.tensor(counts))
-        self.steps = state["steps"]
+        for name in ("sent", "routed", "sums"):
+            for total, saved in zip(getattr(self, name), state[name]):
+                total.copy_(torch.tensor(saved))
+        self.counts = [list(counts) for counts in state["counts"]]
+
+
+def percentages(values):
+    """`55% 45%`; past 8 values `min 2% median 6% max 14%`, so that 16 experts fit on a line."""
+    if len(values) <= 8:
+        return " ".join(f"{100 * x:.0f}%" for x in values)
+    ordered = sorted(values)
+    return f"min {100 * ordered[0]:.0f}% median {100 * statistics.median(ordered):.0f}% max {100 * ordered[-1]:.0f}%"
+
+
+def router_line(layer, figures, experts):
+    """`layer 0: sent 100% 0%, fill 100% 0%, dropped 50.0%, entropy 0.69 of 0.69, aux loss 1.040`."""
+    return (f"layer {layer}: sent {percentages(figures['shares'])}, fill {percentages(figures['fills'])}, "
+            f"dropped {100 * figures['dropped']:.1f}%, entropy {figures['entropy']:.2f} of {math.log(experts):.2f}, "
+            f"aux loss {figures['aux_loss']:.3f}")
+
+
+def router_warning(layers, drop_warning):
+    """One line naming every dead expert (no token over the interval: no gradient) and every layer that dropped
+    more than drop_warning % of its assignments, with the levers that help; None where there is none."""
+    problems = []
+    for layer, figures in enumerate(layers):
+        dead = [str(e) for e, share in enumerate(figures["shares"]) if share == 0]
+        clauses = []
+        if len(dead) == 1:
+            clauses.append(f"expert {dead[0]} received no token")
+        elif dead:
+            named = f" ({', '.join(dead)})" if len(dead) <= 8 else ""
+            clauses.append(f"{len(dead)} of {len(figures['shares'])} experts{named} received no token")
+        if 100 * figures["dropped"] > drop_warning:
+            clauses.append(f"{100 * figures['dropped']:.1f}% of token assignments dropped (over {drop_warning:g}%)")
+        if clauses:
+            problems.append(f"layer {layer}: {' and '.join(clauses)}")
+    return f"warning: {'; '.join(problems)}: {LEVERS}" if problems else None
 
 
 def clipping_summary(norms, clip):
@@ -109,7 +199,7 @@ class Log:
     def __init__(self, model_engine, args, steps_per_epoch):
         self.engine, self.args, self.steps_per_epoch = model_engine, args, steps_per_epoch
         self.net = model_engine.module
-        self.expert_load = ExpertLoad(self.net, model_engine.device) if args.moe else None
+        self.router = self.net.router if args.moe else None
         self.steps, self.bar = [], None
 
     @contextlib.contextmanager
@@ -117,8 +207,8 @@ class Log:
         """One epoch from optimizer step `first`, with `interval` (state()) of a mid-epoch checkpoint carried on;
         a bar on rank 0 when its output is a terminal (tqdm's no-op otherwise, so logs get the printed lines)."""
         self.steps = self.restore(interval) if interval else []
-        if self.expert_load and not interval:
-            self.expert_load.reset()  # an interval ends with its epoch, as the loss lines' do
+        if self.router and not interval:
+            self.router.reset()  # an interval ends with its epoch, as the loss lines' do
         epoch_start = self.interval_start = time.perf_counter()
         show = self.args.progress and dist.get_rank() == 0 and sys.stdout.isatty()
         with (tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout,
@@ -134,8 +224,6 @@ class Log:
         norm = self.engine.get_global_grad_norm()  # before clipping; None where DeepSpeed computes none
         norm = None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.engine.device)
         self.steps.append((self.engine.global_samples, loss, norm))
-        if self.expert_load:
-            self.expert_load.add(self.net)
         self.bar.update()
         if not self.bar.disable and self.bar.n % BAR_EVERY == 0:
             self.show_on_bar()
@@ -145,9 +233,9 @@ class Log:
         rate = self.bar.format_dict["rate"] or 0
         postfix = {"samples/s": f"{rate * self.engine.train_batch_size():.0f}",
                    "loss": f"{torch.stack([loss for _, loss, _ in self.steps[-BAR_EVERY:]]).mean().item():.3f}"}
-        if self.expert_load:
+        if self.router:
             postfix["busiest expert"] = " ".join(f"{100 * (c.max() / c.sum().clamp(min=1)).item():.0f}%"
-                                                 for c in self.expert_load.counts)
+                                                 for c in self.router.sent)
         self.bar.set_postfix(postfix)
 
     def write_steps(self):
@@ -183,15 +271,16 @@ class Log:
                  f"peak {accelerator.device_name()} memory {accelerator.max_memory_allocated() / 2**20:.0f} MiB"]
         lines = [loss_line(epoch + 1, step + 1, sum(losses) / len(losses)),
                  f"{prefix} {', '.join(part for part in speed if part)}"]
-        if self.expert_load:
-            shares, aux_losses = self.expert_load.summarize()
-            layers = []
-            for layer, (layer_shares, aux_loss) in enumerate(zip(shares, aux_losses)):
-                layers.append(f"layer {layer}: {' '.join(f'{100 * x:.0f}%' for x in layer_shares)}, "
-                              f"aux loss {aux_loss:.3f}")
-                events += [(f"MoE/layer{layer}_expert{e}_share", x, samples) for e, x in enumerate(layer_shares)]
-                events.append((f"MoE/layer{layer}_aux_loss", aux_loss, samples))
-            lines.append(f"{prefix} expert load: {' | '.join(layers)}")
+        if self.router:
+            layers = self.router.summarize()
+            for layer, (figures, experts) in enumerate(zip(layers, self.router.experts)):
+                lines.append(f"{prefix} expert load: {router_line(layer, figures, experts)}")
+                events += [(f"MoE/layer{layer}_expert{e}_{name}", x, samples) for name, values in
+                           (("share", figures["shares"]), ("fill", figures["fills"])) for e, x in enumerate(values)]
+                events += [(f"MoE/layer{layer}_{name}", figures[name], samples)
+                           for name in ("dropped", "entropy", "aux_loss")]
+            if warning := router_warning(layers, self.args.drop_warning):
+                lines.append(f"{prefix} {warning}")
         if dist.get_rank() == 0:
             with tqdm.external_write_mode(file=sys.stdout):
                 print("\n".join(lines), flush=True)
@@ -204,6 +293,8 @@ class Log:
         if dist.get_rank() == 0:
             print(f"[{epoch + 1}] accuracy of the network on the {sum(class_total)} test images: {accuracy:.1f} %")
         self.engine.monitor.write_events([("Eval/accuracy", accuracy, self.engine.global_samples)])
+        if self.router:
+            print_test_drops(self.engine, f"[{epoch + 1}] token")
         return accuracy
 
     def state(self):
@@ -211,12 +302,24 @@ class Log:
         throughput and expert-load lines average."""
         return {"steps": [(samples, loss.item(), None if norm is None else norm.item())
                           for samples, loss, norm in self.steps],
-                "expert_load": self.expert_load.state() if self.expert_load else None}
+                "router": self.router.state() if self.router else None}
 
     def restore(self, interval):
         """The steps of a state(), back on the device; the expert load restored in place."""
-        if self.expert_load:
-            self.expert_load.load_state(interval["expert_load"])
+        if self.router:
+            self.router.load_state(interval["router"])
         device = self.engine.device
         return [(samples, torch.tensor(loss, device=device), None if norm is None else torch.tensor(norm, device=device))
                 for samples, loss, norm in interval["steps"]]
+
+
+def print_test_drops(model_engine, start="Token"):
+    """After the accuracy lines of a MoE run, rank 0 prints each layer's share of the test set's token assignments
+    dropped for capacity (`--eval-capacity-factor`, its own lever); the monitors get them as Eval/layer<N>_dropped."""
+    router = model_engine.module.router
+    dropped = router.summarize_test()
+    if dist.get_rank() == 0:
+        print(f"{start} assignments dropped on the test images (eval capacity factor {router.eval_capacity_factor:g}): "
+              + ", ".join(f"layer {layer} {100 * x:.1f}%" for layer, x in enumerate(dropped)))
+    model_engine.monitor.write_events([(f"Eval/layer{layer}_dropped", x, model_engine.global_samples)
+                                       for layer, x in enumerate(dropped)])

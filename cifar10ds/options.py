@@ -78,6 +78,9 @@ def add_flags(parser):
                      help="expert capacity in evaluation (default: 1.0)")
     moe.add_argument("--drop-tokens", default=True, action=argparse.BooleanOptionalAction,
                      help="drop the tokens past an expert's capacity (default: drop)")
+    moe.add_argument("--drop-warning", default=25.0, type=float, metavar="PCT",
+                     help="warn when an MoE layer drops more than PCT %% of its token assignments over a log "
+                          "interval (default: 25)")
 
     runs = parser.add_argument_group("checkpoints, evaluation and metrics")
     runs.add_argument("--save-dir", default=None,
@@ -243,6 +246,8 @@ def check_args(args, config, world_size):
         return f"--dist-timeout must be positive, got {args.dist_timeout}"
     if args.capacity_factor <= 0 or args.eval_capacity_factor <= 0:
         return "--capacity-factor and --eval-capacity-factor must be positive"
+    if not 0 <= args.drop_warning <= 100:
+        return f"--drop-warning must be a percentage from 0 to 100, got {args.drop_warning:g}"
     if args.moe_aux_loss_coef < 0:
         return f"--moe-aux-loss-coef must not be negative, got {args.moe_aux_loss_coef}"
     for flag in (*BATCH_FLAGS, "--lr"):

@@ -16,9 +16,6 @@ import subprocess
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not os.environ.get("MOVES"), reason="MOVES=1 runs the moves (4 minutes: 19 launches), "
-                                "which do not fit the suite's 25 minutes yet")
-
 import cifar10_deepspeed
 from cifar10ds import model_files
 from conftest import ROOT, run_command, signal_when
@@ -45,12 +42,14 @@ CUTS = {"end of epoch 1": "epoch1", "mid-epoch": "epoch1-step10"}
 
 
 def command(tmp, layout, save_dir, *extra, log_interval=STEPS):
+    """A launch of the script in `layout`; torchrun, the launcher that starts quickest (4 s less than DeepSpeed's
+    on 4 ranks), for several ranks."""
     world, flags = LAYOUTS[layout]
-    launcher = ["python"] if world == 1 else ["deepspeed", "--num_gpus", str(world)]
+    launcher = ["python"] if world == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(world)]
     return [*launcher, ROOT / "cifar10_deepspeed.py", "--deepspeed", "--deepspeed_config", tmp / "clipping.json",
             "--dataset", "synthetic", "--synthetic-train-size", str(16 * STEPS), "--synthetic-test-size", "16",
-            "--seed", "0", "--dtype", "fp32", "-e", "3", "--log-interval", str(log_interval), *flags, "--save-dir", tmp / save_dir,
-            *extra]
+            "--seed", "0", "--dtype", "fp32", "-e", "3", "--log-interval", str(log_interval), *flags,
+            "--save-dir", tmp / save_dir, *extra]
 
 
 def weights(folder):

@@ -247,11 +247,13 @@ def test_moe_param_groups_put_every_expert_parameter_in_a_moe_group(parse):
     assert len(moe_params) + len(dense_params) == len(list(net.parameters()))
 
 
-def test_moe_forward_exposes_aux_losses_and_expert_counts(parse):
+def test_moe_forward_exposes_aux_losses_and_the_routers_counts(parse):
     net = Net(parse("--moe", "--num-experts", "2", "4", "--capacity-factor", "2.0", "--no-drop-tokens"))
     net(torch.randn(6, 3, 32, 32))
-    assert [c.shape for c in net.expert_counts] == [(2,), (4,)]
-    assert [int(c.sum()) for c in net.expert_counts] == [6, 6]  # top-1: every token goes to one expert
+    assert [c.shape for c in net.router.sent] == [(2,), (4,)]
+    assert [int(c.sum()) for c in net.router.sent] == [6, 6]  # top-1: every token goes to one expert
+    assert [c.tolist()[0] for c in net.router.routed] == [0, 0]  # none dropped
+    assert [int(c[1:].sum()) for c in net.router.routed] == [6, 6]
     assert len(net.aux_losses) == 2 and all(a.requires_grad for a in net.aux_losses)
     gate = net.moe_layer_list[0].deepspeed_moe.gate
     assert (gate.capacity_factor, gate.drop_tokens) == (2.0, False)
@@ -430,6 +432,13 @@ def test_evaluation_is_sharded_only_where_every_rank_may_run_its_own_batches(par
 
 
 class AlwaysCar(nn.Module):
+    """An engine of a dense Net that says car for every image."""
+    moe = False
+
+    @property
+    def module(self):
+        return self
+
     def forward(self, x):
         return torch.eye(10)[1].repeat(len(x), 1)
 

@@ -4,6 +4,8 @@ TensorBoard monitors holding every series and the printed values; the live bar i
 
 import csv
 import fcntl
+import json
+import math
 import os
 import pty
 import re
@@ -73,35 +75,77 @@ def test_class_names_are_right_aligned_in_five_characters():
                          "Accuracy of truck :  50 %"]
 
 
-# The expert load
-def test_expert_load_sums_counts_and_averages_aux_loss(single_rank_group, parse):
-    net = Net(parse("--moe", "--num-experts", "2", "4", "--mlp-type", "residual"))
-    load = metrics.ExpertLoad(net, "cpu")
-    net.expert_counts, net.aux_losses = [torch.tensor([3, 1]), torch.tensor([0, 2, 2, 0])], [torch.tensor(1.0),
-                                                                                             torch.tensor(2.0)]
-    load.add(net)
-    net.expert_counts, net.aux_losses = [torch.tensor([4, 0]), torch.tensor([0, 0, 4, 0])], [torch.tensor(3.0),
-                                                                                             torch.tensor(4.0)]
-    load.add(net)
-    shares, aux_losses = load.summarize()
-    assert shares == [[7 / 8, 1 / 8], [0.0, 0.25, 0.75, 0.0]]
-    assert aux_losses == [2.0, 3.0]
-    assert load.steps == 0 and all(c.sum() == 0 for c in load.counts)  # ready for the next interval
+# The router's figures
+def gate_pass(router, layer, routes, sent, capacity, aux_loss, tokens=4):
+    """One forward pass of a layer's gate as the router's hook sees it: routes per choice and token (-1 where
+    dropped), the tokens sent to each expert before the capacity cut, the capacity per expert."""
+    gate = router.gates[layer]
+    output = (torch.tensor(aux_loss), torch.tensor(capacity), len(sent), torch.tensor(routes, dtype=torch.int32),
+              None, None, torch.tensor(sent))
+    router.record(layer, gate, (torch.ones(tokens, 84),), output)
 
 
-def test_expert_load_over_two_ranks_is_the_mean_of_every_ranks_aux_loss(single_rank_group, parse, monkeypatch):
-    """Two ranks that saw the same counts and aux losses: the shares and the mean aux loss are one rank's.
+@pytest.fixture
+def router(parse):
+    net = Net(parse("--moe", "--num-experts", "2", "16"))
+    for layer in net.moe_layer_list:
+        torch.nn.init.zeros_(layer.deepspeed_moe.gate.wg.weight)  # every expert equally likely: entropy log(n)
+    return net.router
 
-    The all-reduce sums the ranks' aux losses, so summarize must divide by the world size as well as the steps;
-    without it the aux loss printed and monitored on 2 ranks is twice the truth.
-    """
-    net = Net(parse("--moe", "--num-experts", "2"))
-    load = metrics.ExpertLoad(net, "cpu")
-    net.expert_counts, net.aux_losses = [torch.tensor([3, 1])], [torch.tensor(1.5)]
-    load.add(net)
+
+def test_the_router_sums_what_each_gate_sent_kept_and_dropped(single_rank_group, router):
+    gate_pass(router, 0, [[0, 0, -1, 1]], sent=[3, 1], capacity=2, aux_loss=1.0)  # the third token dropped
+    gate_pass(router, 0, [[1, 1, 0, -1]], sent=[1, 3], capacity=2, aux_loss=3.0)
+    gate_pass(router, 1, [[0, 1, 2, 3], [4, 5, -1, -1]], sent=[1] * 6 + [2] + [0] * 9, capacity=1, aux_loss=2.0)
+    layers = router.summarize()
+    assert layers[0] == {"shares": [0.5, 0.5], "fills": [0.75, 0.75], "dropped": 0.25,
+                         "entropy": pytest.approx(math.log(2)), "aux_loss": 2.0}
+    assert layers[1]["shares"] == [0.125] * 6 + [0.25] + [0.0] * 9
+    assert layers[1]["fills"] == [1.0] * 6 + [0.0] * 10 and layers[1]["dropped"] == 0.25  # 2 of 8 assignments
+    assert layers[1]["entropy"] == pytest.approx(math.log(16))
+    assert all(t.sum() == 0 for t in router.sent + router.routed + router.sums) and router.counts == [[0.0] * 3] * 2
+    assert router.summarize_test() == [0.0, 0.0]  # nothing evaluated
+
+
+def test_evaluation_counts_apart_from_training(single_rank_group, router):
+    router.gates[0].eval()
+    gate_pass(router, 0, [[0, 0, -1, -1]], sent=[4, 0], capacity=2, aux_loss=1.0)
+    assert router.sent[0].sum() == 0 and router.summarize_test() == [0.5, 0.0]
+    assert router.summarize_test() == [0.0, 0.0]  # read once
+
+
+def test_the_aux_loss_over_two_ranks_is_the_mean_of_every_ranks_passes(single_rank_group, router, monkeypatch):
+    """Two ranks that saw the same passes: the figures are one rank's; the aux loss is summed over the ranks'
+    passes, so it must be divided by all their passes, or 2 ranks would show twice the truth."""
+    gate_pass(router, 0, [[0, 0, 1, -1]], sent=[3, 1], capacity=2, aux_loss=1.5)
     monkeypatch.setattr(metrics.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # a twin rank's sum
-    monkeypatch.setattr(metrics.dist, "get_world_size", lambda: 2)
-    assert load.summarize() == ([[0.75, 0.25]], [1.5])
+    layer = router.summarize()[0]
+    assert (layer["shares"], layer["fills"], layer["dropped"], layer["aux_loss"]) == ([0.75, 0.25], [1.0, 0.5],
+                                                                                        0.25, 1.5)
+
+
+def test_router_lines_stay_short_past_8_experts():
+    two = {"shares": [1.0, 0.0], "fills": [1.0, 0.0], "dropped": 0.5, "entropy": 0.6912, "aux_loss": 1.04}
+    assert metrics.router_line(0, two, 2) == ("layer 0: sent 100% 0%, fill 100% 0%, dropped 50.0%, entropy 0.69 of "
+                                              "0.69, aux loss 1.040")
+    sixteen = {"shares": [0.02] * 8 + [0.06] * 4 + [0.14] * 4, "fills": [0.5] * 16, "dropped": 0.073,
+               "entropy": 2.7, "aux_loss": 1.013}
+    assert metrics.router_line(1, sixteen, 16) == (
+        "layer 1: sent min 2% median 4% max 14%, fill min 50% median 50% max 50%, dropped 7.3%, entropy 2.70 of "
+        "2.77, aux loss 1.013")
+
+
+def test_a_dead_or_drowning_expert_is_named_with_its_levers():
+    def figures(shares, dropped):
+        return {"shares": shares, "fills": shares, "dropped": dropped, "entropy": 0.5, "aux_loss": 1.0}
+
+    assert metrics.router_warning([figures([0.5, 0.5], 0.25)], 25) is None  # at the threshold: no warning
+    warning = metrics.router_warning([figures([1.0, 0.0], 0.5), figures([0.5, 0.5], 0.3)], 25)
+    assert warning == ("warning: layer 0: expert 1 received no token and 50.0% of token assignments dropped (over "
+                       "25%); layer 1: 30.0% of token assignments dropped (over 25%): " + metrics.LEVERS)
+    many = metrics.router_warning([figures([0.5] * 2 + [0.0] * 14, 0.0), figures([0.5, 0, 0.5, 0], 0.0)], 25)
+    assert many.startswith("warning: layer 0: 14 of 16 experts received no token; layer 1: 2 of 4 experts (1, 3) "
+                           "received no token: ")
 
 
 # A run's lines and monitors
@@ -114,7 +158,8 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
                  "--metrics-dir", metrics_dir)
     run.assert_launched()
     lines = run.output.splitlines()
-    loads = [re.match(r"^\[ \d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss [\d.]+$", line) for line in lines]
+    loads = [re.match(r"^\[ \d,  +\d+\] expert load: layer 0: sent (\d+)% (\d+)%, fill \d+% \d+%, dropped [\d.]+%, "
+                      r"entropy [\d.]+ of 0\.69, aux loss [\d.]+$", line) for line in lines]
     loads = [m for m in loads if m]
     speeds = [re.match(r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch, grad norm (\d\.\d{3}), clipped at 1\.0 in "
                        r"(\d+) of 100 steps, peak cpu memory \d+ MiB$", line) for line in lines]
@@ -134,7 +179,8 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
     intervals = [norms[i:i + 100] for i in (0, 100, 200, 313, 413, 513)]  # the epoch's last 13 steps are in no line
     assert [(f"{sum(n) / 100:.3f}", str(sum(x > 1.0 for x in n))) for n in intervals] == [m.groups() for m in speeds]
     assert len(rows("Train_Samples_samples_per_sec")) == len(rows("MoE_layer0_expert1_share")) == 6
-    assert len(rows("MoE_layer0_aux_loss")) == 6
+    assert len(rows("MoE_layer0_aux_loss")) == len(rows("MoE_layer0_dropped")) == len(rows("MoE_layer0_entropy")) == 6
+    assert len(rows("MoE_layer0_expert1_fill")) == 6 and len(rows("Eval_layer0_dropped")) == 2
     assert f"{float(rows('Eval_accuracy')[-1][1]):.0f}" == str(run.accuracy())  # the final test, as printed (rounded)
     assert len(rows("Eval_accuracy")) == 2 and len(rows("Train_Epoch_seconds")) == 2
 
@@ -143,6 +189,59 @@ def test_moe_run_shows_expert_load_and_throughput_and_writes_metrics(launch, scr
                           timeout=120)
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+
+
+def independent_figures(counts):
+    """A layer's figures over one log interval, from count_routes.py's counts."""
+    sent, kept, capacity = counts["sent"], counts["kept"], counts["capacity"]
+    return {"shares": [x / sum(sent) for x in sent], "fills": [x / capacity for x in kept],
+            "dropped": (sum(sent) - sum(kept)) / sum(sent), "entropy": counts["entropy"] / counts["tokens"],
+            "aux_loss": counts["aux_loss"] / counts["passes"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_routers_figures_equal_an_independent_count_of_the_gates_routes(launch, root, tmp_path, world):
+    """With EP over every rank, top-1 and top-2 (the reference's gate: no noise, capacity factor 1, where the
+    router collapses and drops), and top-1 without dropping: each log interval's printed and monitored figures
+    and the test set's drop share are those of DeepSpeed's own dense dispatch masks, summed over the ranks; every
+    interval with a dead expert or a drop over 25% warns once, naming them."""
+    run = launch("deepspeed", "--num_gpus", str(world), root / "tests" / "count_routes.py", "--report",
+                 tmp_path / "counts.json", "--metrics-dir", tmp_path / "metrics")
+    assert run.returncode == 0, run.output[-3000:]
+    report = json.loads((tmp_path / "counts.json").read_text())
+    outputs = dict(re.findall(r"^run (.+)\n((?:(?!run ).*\n)*)", run.output, re.M))
+    for name, readings in report.items():
+        intervals = [[independent_figures(layer) for layer in reading] for reading in readings["train"]]
+        assert len(intervals) == 4, name  # 2 epochs of 2 intervals
+        monitors = tmp_path / "metrics" / name
+        for layer in range(2):
+            series = lambda figure: list(metric(monitors, f"MoE_layer{layer}_{figure}").values())
+            for figure in ("dropped", "entropy", "aux_loss"):
+                assert series(figure) == pytest.approx([i[layer][figure] for i in intervals], rel=1e-5, abs=1e-7)
+            for figure in ("share", "fill"):
+                experts = len(intervals[0][layer][f"{figure}s"])
+                assert [list(metric(monitors, f"MoE_layer{layer}_expert{e}_{figure}").values())
+                        for e in range(experts)] == [pytest.approx([i[layer][f"{figure}s"][e] for i in intervals],
+                                                                   abs=1e-7) for e in range(experts)]
+        output = outputs[name]
+        lines = [line.split("] expert load: ", 1)[1] for line in output.splitlines() if "] expert load: " in line]
+        assert lines == [metrics.router_line(layer, figures, len(figures["shares"]))
+                         for interval in intervals for layer, figures in enumerate(interval)]
+        warnings = [line.split("] ", 1)[1] for line in output.splitlines() if "] warning: " in line]
+        assert warnings == [w for i in intervals if (w := metrics.router_warning(i, 25))], name
+        tested = [[(layer["sent"] - layer["kept"]) / layer["sent"] for layer in reading]
+                  for reading in readings["test"]]
+        assert [list(metric(monitors, f"Eval_layer{layer}_dropped").values()) for layer in range(2)] == [
+            pytest.approx([t[layer] for t in tested], abs=1e-7) for layer in range(2)]
+        assert printed(r"^(?:\[1\] token|Token) assignments dropped on the test images \(eval capacity factor 1\): "
+                       r"layer 0 ([\d.]+)%, layer 1 ([\d.]+)%$", output) == [
+            tuple(f"{100 * x:.1f}" for x in t) for t in tested]
+        assert output.index("Accuracy of truck") < output.index("Token assignments dropped")  # after the reference's
+    drops = {name: [independent_figures(layer)["dropped"] for reading in readings["train"] for layer in reading]
+             for name, readings in report.items()}
+    assert min(drops["top-1"]) > 0.25 and max(drops["top-2"]) > 0 and drops["top-1 no drop"] == [0.0] * 8
+    assert "received no token" in outputs["top-1"]  # the reference's router collapses
 
 
 SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--seed", "0", "--synthetic-train-size", "800",
@@ -175,7 +274,8 @@ def test_tensorboard_holds_every_csv_series_and_the_printed_values(launch, scrip
              for path in (tmp_path / "csv" / "cifar10").glob("*.csv")}
     assert {tag.replace("/", "_") for tag in board} == set(table)  # the same series as the CSV monitor writes
     assert {"Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/loss_scale", "Train/Samples/samples_per_sec",
-            "MoE/layer0_expert0_share", "MoE/layer0_expert1_share", "MoE/layer0_aux_loss", "Train/Epoch/seconds",
+            "MoE/layer0_expert0_share", "MoE/layer0_expert1_share", "MoE/layer0_aux_loss", "MoE/layer0_dropped",
+            "MoE/layer0_expert1_fill", "MoE/layer0_entropy", "Eval/layer0_dropped", "Train/Epoch/seconds",
             "Eval/accuracy", "Train/Samples/grad_norm"} <= set(board)
     for tag, points in board.items():
         steps, values = zip(*points)
@@ -192,9 +292,12 @@ def test_tensorboard_holds_every_csv_series_and_the_printed_values(launch, scrip
         r"^\[ \d,  +\d+\] \d+ samples/s, [\d.]+ s/epoch, grad norm (\d\.\d{3}), clipped at 1\.0 in \d+ of 10 steps, ", run.output)
     assert [f"{value:.0f}" for _, value in board["Train/Samples/samples_per_sec"]] == [
         speed for speed, in printed(r"^\[ \d,  +\d+\] (\d+) samples/s, ", run.output)]
-    shares = zip(board["MoE/layer0_expert0_share"], board["MoE/layer0_expert1_share"], board["MoE/layer0_aux_loss"])
-    assert [(f"{100 * a:.0f}", f"{100 * b:.0f}", f"{aux:.3f}") for (_, a), (_, b), (_, aux) in shares] == printed(
-        r"^\[ \d,  +\d+\] expert load: layer 0: (\d+)% (\d+)%, aux loss ([\d.]+)$", run.output)
+    shares = zip(board["MoE/layer0_expert0_share"], board["MoE/layer0_expert1_share"], board["MoE/layer0_dropped"],
+                 board["MoE/layer0_aux_loss"])
+    assert [(f"{100 * a:.0f}", f"{100 * b:.0f}", f"{100 * dropped:.1f}", f"{aux:.3f}")
+            for (_, a), (_, b), (_, dropped), (_, aux) in shares] == printed(
+        r"^\[ \d,  +\d+\] expert load: layer 0: sent (\d+)% (\d+)%, .*, dropped ([\d.]+)%, .*, aux loss ([\d.]+)$",
+        run.output)
     accuracy = [value for _, value in board["Eval/accuracy"]]
     assert printed(r"^\[1\] accuracy of the network on the 200 test images: ([\d.]+) %$", run.output) == [
         (f"{accuracy[0]:.1f}",)]

@@ -301,6 +301,7 @@ def test_valid_mixes_pass(parse, argv, world_size):
     (["--moe", "--capacity-factor", "0"], 1, "--capacity-factor and --eval-capacity-factor must be positive"),
     (["--moe", "--eval-capacity-factor", "-1"], 1, "--capacity-factor and --eval-capacity-factor must be positive"),
     (["--moe", "--moe-aux-loss-coef", "-0.1"], 1, "--moe-aux-loss-coef must not be negative, got -0.1"),
+    (["--moe", "--drop-warning", "120"], 1, "--drop-warning must be a percentage from 0 to 100, got 120"),
     (["--data-workers", "-1"], 1, "--data-workers must not be negative, got -1"),
     (["--dist-timeout", "0"], 1, "--dist-timeout must be positive, got 0.0"),
     (["--offload", "cpu"], 1,

@@ -35,3 +35,25 @@ def test_the_loss_panel_draws_the_smoothed_loss_over_the_raw_one_and_names_the_l
     assert jumps(smoothed) < jumps(raw) / 10  # the noise is gone
     assert smoothed[-1] < smoothed[100] < smoothed[20]  # the trend stays
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_moe_layer_gets_its_tokens_drops_fill_entropy_and_aux_loss(tmp_path):
+    folder = tmp_path / "metrics" / "cifar10"
+    folder.mkdir(parents=True)
+    steps = [1600, 3200, 4800]
+    for layer, experts in ((0, 2), (1, 16)):
+        for expert in range(experts):
+            write_metric(folder, f"MoE_layer{layer}_expert{expert}_share", [(s, 1 / experts) for s in steps])
+            write_metric(folder, f"MoE_layer{layer}_expert{expert}_fill", [(s, 0.9) for s in steps])
+        for figure, value in (("dropped", 0.1), ("entropy", 0.6), ("aux_loss", 1.02)):
+            write_metric(folder, f"MoE_layer{layer}_{figure}", [(s, value) for s in steps])
+        write_metric(folder, f"Eval_layer{layer}_dropped", [(4800, 0.05)])
+
+    fig = plot_metrics.plot(str(tmp_path / "metrics"), tmp_path / "metrics.png")
+    labels = lambda ax: [text.get_text() for text in ax.get_legend().get_texts()]
+    sent, kept = fig.axes[2], fig.axes[3]
+    assert sent.get_ylabel() == "layer 0 token share" and kept.get_ylabel() == "layer 0 fill of capacity"
+    assert labels(sent) == ["expert 0", "expert 1", "dropped", "dropped at evaluation"]
+    assert labels(kept) == ["expert 0", "expert 1", "entropy", "aux loss"]
+    assert list(sent.get_lines()[2].get_ydata()) == [0.1] * 3
+    assert len(fig.axes[4].get_lines()) == 18 and fig.axes[5].get_ylabel() == "layer 1 fill of capacity"

@@ -167,6 +167,7 @@ def train_cell(cell, steps, checks, evaluate, data_path, seed):
         watched = checks and i in (OVERFLOW_STEPS[0], steps - 1)
         if watched:
             before = parameter_snapshot(model_engine)
+            sent = [c.clone() for c in net.router.sent] if net.moe else None
         loss = train_step(model_engine, criterion, inputs, labels, *step_args, **step_kwargs)
         record["losses"].append(loss.item())
         record["loss_scales"].append(model_engine._get_optimizer_loss_scale() if dtype == "fp16" else None)
@@ -175,7 +176,7 @@ def train_cell(cell, steps, checks, evaluate, data_path, seed):
             after = parameter_snapshot(model_engine)
             record["changed_by_overflow_step"] = changed(before, after, "master") + changed(before, after, "model")
         elif watched:
-            record.update(last_step(net, before, parameter_snapshot(model_engine)))
+            record.update(last_step(net, before, parameter_snapshot(model_engine), sent))
         return loss
 
     train_step, cifar10_deepspeed.train_step = cifar10_deepspeed.train_step, recorded_step
@@ -216,7 +217,7 @@ def engine_of(args, **settings):
     return (*cifar10_deepspeed.build_engine(args, config, trainset), testset)
 
 
-def last_step(net, before, after):
+def last_step(net, before, after, sent_before):
     """What the last step did: each parameter's master moved? model equal to its master, rounded to its dtype?
 
     Also the tokens each expert got there, summed over ranks.
@@ -227,7 +228,7 @@ def last_step(net, before, after):
               for name, model in after["model"].items()]
     if not net.moe:
         return {"params": params}
-    counts = torch.cat([c.float() for c in net.expert_counts])
+    counts = torch.cat([now - then for now, then in zip(net.router.sent, sent_before)])
     dist.all_reduce(counts)
     return {"params": params,
             "tokens": [c.tolist() for c in counts.split([layer.num_experts for layer in net.moe_layer_list])]}
@@ -271,6 +272,14 @@ def gathered(outcome):
     return [record for record, _ in outcomes], errors[0] if errors else None
 
 
+def write_report(report, path):
+    """Rank 0 writes the launch's report; every rank leaves the process group."""
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(report, f)
+    dist.destroy_process_group()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="+")
@@ -295,10 +304,7 @@ def main():
         if dist.get_rank() == 0:
             report[cell] = {"error": error} if error else {**compare_ranks(records), "ranks": records}
             print(f"cell {cell}: {'error' if error else 'done'}", flush=True)
-    if dist.get_rank() == 0:
-        with open(options.report, "w") as f:
-            json.dump(report, f)
-    dist.destroy_process_group()
+    write_report(report, options.report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ test_layouts.py to export.
 """
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -46,7 +45,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
 from cifar10ds import machine  # noqa: E402
-from train_cells import MODELS, engine_of, expert_of, gathered, parameter_snapshot, parse_cell, start  # noqa: E402
+from train_cells import (MODELS, engine_of, expert_of, gathered, parameter_snapshot, parse_cell, start,  # noqa: E402
+                         write_report)
 
 GLOBAL_BATCH = 16
 SEED = 0
@@ -194,10 +194,7 @@ def main():
         if dist.get_rank() == 0:
             report[key] = {"error": error} if error else {"ranks": records}
             print(f"layout {layout}, clipping {clipping}: {'error' if error else 'done'}", flush=True)
-    if dist.get_rank() == 0:
-        with open(options.report, "w") as f:
-            json.dump(report, f)
-    dist.destroy_process_group()
+    write_report(report, options.report)
 
 
 if __name__ == "__main__":
