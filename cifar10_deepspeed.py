@@ -301,8 +301,7 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, s
                                                shard)
     if dist.get_rank() == 0:
         print("\n".join(metrics.accuracy_lines(class_correct, class_total)))
-    if model_engine.module.moe:
-        metrics.print_test_drops(model_engine)  # beyond the reference: the tokens each MoE layer dropped
+    metrics.print_test_drops(model_engine)  # beyond the reference: with MoE, the tokens each layer dropped
     return sum(class_correct) / sum(class_total)
 
 

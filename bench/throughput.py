@@ -4,6 +4,7 @@
     python bench/throughput.py --data-paths    # the tensor data path against the PIL path
     python bench/throughput.py --only "1 (rank|process)" --no-compile   # the rows one GPU runs, without compile
     python bench/throughput.py --only MoE --no-compile --baseline HEAD~1  # each row against another commit's
+    python bench/throughput.py --router    # in one process: a MoE step with the router's hooks and without
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -18,7 +19,10 @@ the part of it before DeepSpeed's launcher spawned the ranks (when it logs
 (a new, empty one each run: what a first run pays) or warm (one filled by a
 run before the rounds: what a re-run pays). With --baseline REF, each chosen
 row also runs from a git worktree of commit REF, in the same rounds, and the
-table gets its ratio to that row. Prints a Markdown table.
+table gets its ratio to that row. With --router, one process times the
+script's MoE training step with the router's hooks and without them, in
+alternating blocks: the cost of the figures without the noise of separate
+runs. Prints a Markdown table.
 """
 
 import argparse
@@ -127,6 +131,43 @@ def at_commit(runs, ref):
     return [(f"{name} (at {ref})", [moved(part) for part in cmd], env) for name, cmd, env in runs]
 
 
+def router_cost(rounds, steps=200):
+    """Seconds per MoE training step (2 layers of 2 and 16 experts, top-1) with the router's hooks on the gates and
+    without them, in alternating blocks of `steps` steps: a Markdown table."""
+    sys.path.insert(0, ROOT)
+    import deepspeed
+    import torch
+    import cifar10_deepspeed
+    from cifar10ds import launch, machine
+
+    launch.use_single_process_defaults()
+    machine.use_share_of_cores()
+    deepspeed.init_distributed()
+    args = cifar10_deepspeed.parse_args(["--deepspeed", *DATA, "--moe", "--num-experts", "2", "16"])
+    config = cifar10_deepspeed.get_ds_config(args)
+    machine.choose_adam(config)
+    trainset, _ = cifar10_deepspeed.load_data(args)
+    model_engine, trainloader = cifar10_deepspeed.build_engine(args, config, trainset)
+    batches = list(zip(range(steps), trainloader))
+    gates = model_engine.module.router.gates
+    hooks = [dict(gate._forward_hooks) for gate in gates]  # the router's, taken off and put back
+    criterion, seconds = torch.nn.CrossEntropyLoss(), {"recorded": [], "not recorded": []}
+    for _ in range(rounds):
+        for name in seconds:
+            for gate, hook in zip(gates, hooks):
+                gate._forward_hooks.clear()
+                gate._forward_hooks.update(hook if name == "recorded" else {})
+            start = time.perf_counter()
+            losses = [cifar10_deepspeed.train_step(model_engine, criterion, *batch) for _, batch in batches]
+            torch.stack(losses).sum().item()  # the device's queue done
+            seconds[name].append((time.perf_counter() - start) / steps)
+    with_figures, without = (statistics.median(seconds[name]) for name in seconds)
+    print(f"| MoE step ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, median of {rounds}) | ms | ratio |")
+    print("| --- | --- | --- |")
+    print(f"| the router's hooks recording | {1000 * with_figures:.3f} | {with_figures / without:.3f} |")
+    print(f"| without the hooks | {1000 * without:.3f} | 1.000 |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -137,7 +178,11 @@ def main():
                         "(the plain loop and DeepSpeed's dense 1-rank row, the ratios' bases, always run)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the --compile rows")
     parser.add_argument("--baseline", metavar="REF", help="also run each chosen row from git commit REF, side by side")
+    parser.add_argument("--router", action="store_true", help="instead: a MoE step with and without the router's "
+                        "hooks, in one process")
     args = parser.parse_args()
+    if args.router:
+        return router_cost(args.rounds)
     runs = [config for config in CONFIGS if re.search(args.only, config[0]) or config in CONFIGS[:2]]
     runs = [config for config in runs if not (args.no_compile and "--compile" in config[1])]
     if args.data_paths:

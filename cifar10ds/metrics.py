@@ -306,20 +306,25 @@ class Log:
 
     def restore(self, interval):
         """The steps of a state(), back on the device; the expert load restored in place."""
-        if self.router:
+        if self.router and interval.get("router"):  # a checkpoint of an earlier version has none: the line counts less
             self.router.load_state(interval["router"])
         device = self.engine.device
         return [(samples, torch.tensor(loss, device=device), None if norm is None else torch.tensor(norm, device=device))
                 for samples, loss, norm in interval["steps"]]
 
 
-def print_test_drops(model_engine, start="Token"):
-    """After the accuracy lines of a MoE run, rank 0 prints each layer's share of the test set's token assignments
-    dropped for capacity (`--eval-capacity-factor`, its own lever); the monitors get them as Eval/layer<N>_dropped."""
-    router = model_engine.module.router
-    dropped = router.summarize_test()
+def print_test_drops(model, start="Token"):
+    """After the accuracy lines of a MoE model (an engine's, or a Net as predict.py has it), rank 0 prints each
+    layer's share of the test set's token assignments dropped for capacity (`--eval-capacity-factor`, its own
+    lever); an engine's monitors get them as Eval/layer<N>_dropped."""
+    net = getattr(model, "module", model)
+    if not net.moe:
+        return
+    dropped = net.router.summarize_test()
     if dist.get_rank() == 0:
-        print(f"{start} assignments dropped on the test images (eval capacity factor {router.eval_capacity_factor:g}): "
-              + ", ".join(f"layer {layer} {100 * x:.1f}%" for layer, x in enumerate(dropped)))
-    model_engine.monitor.write_events([(f"Eval/layer{layer}_dropped", x, model_engine.global_samples)
-                                       for layer, x in enumerate(dropped)])
+        print(f"{start} assignments dropped on the test images (eval capacity factor "
+              f"{net.router.eval_capacity_factor:g}): " + ", ".join(f"layer {layer} {100 * x:.1f}%"
+                                                                   for layer, x in enumerate(dropped)))
+    if hasattr(model, "monitor"):
+        model.monitor.write_events([(f"Eval/layer{layer}_dropped", x, model.global_samples)
+                                    for layer, x in enumerate(dropped)])

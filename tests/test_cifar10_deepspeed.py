@@ -432,12 +432,8 @@ def test_evaluation_is_sharded_only_where_every_rank_may_run_its_own_batches(par
 
 
 class AlwaysCar(nn.Module):
-    """An engine of a dense Net that says car for every image."""
+    """A dense model that says car for every image."""
     moe = False
-
-    @property
-    def module(self):
-        return self
 
     def forward(self, x):
         return torch.eye(10)[1].repeat(len(x), 1)
