@@ -16,6 +16,10 @@ sys.path.insert(0, str(ROOT))
 # DeepSpeed's CPU ops are built per environment: another checkout's venv, building into the shared default
 # (~/.cache/torch_extensions), would rebuild them under this suite's launches.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+# Two workers run side by side on few cores: every process's OpenMP threads sleep while they wait instead of
+# spinning (beside a 4-rank launch on 2 cores, a spinning one-rank run took 45 s where it takes 15 alone, 19 so).
+QUIET_THREADS = {"OMP_WAIT_POLICY": "PASSIVE"}
+os.environ.update(QUIET_THREADS)
 
 import cifar10_deepspeed  # noqa: E402
 import deepspeed  # noqa: E402
@@ -112,10 +116,8 @@ def metric(metrics_dir, name):
 
 
 def launch_env(env=None):
-    """The environment of a launch: offline, unbuffered, no process group of the test process's own. Its OpenMP
-    threads sleep when they wait (OMP_WAIT_POLICY=PASSIVE) instead of spinning: the suite's two workers run
-    launches side by side on 2 cores, where a spinning rank took a 15-second run to 45 seconds."""
-    full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    """The environment of a launch: offline, unbuffered, no process group of the test process's own."""
+    full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
         if name not in (env or {}):
             full_env.pop(name, None)  # set by the in-process group fixture; a launch makes its own

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import DRIVER_TOO_OLD, FAKE_MACHINE, ROOT
+from conftest import DRIVER_TOO_OLD, FAKE_MACHINE, QUIET_THREADS, ROOT
 
 CHECK = ROOT / "bench" / "gpu_check.sh"
 NO_GPU = {"PYTHONPATH": str(FAKE_MACHINE), "FAKE_CUDA_ERROR": DRIVER_TOO_OLD}  # whatever machine runs the test
@@ -49,7 +49,8 @@ def test_its_runs_refuse_the_cpu_unless_allowed(cpu, tmp_path):
     compiler check trains the quick start's run with no C++ compiler and an empty op cache."""
     args = ["--checks", "compiler", "--out", str(tmp_path / "table.md")] + (["--allow-cpu"] if cpu else [])
     check = subprocess.run([sys.executable, ROOT / "bench" / "gpu_check.py", *args], capture_output=True, text=True,
-                           env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", **NO_GPU}, timeout=600)
+                           env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", **NO_GPU, **QUIET_THREADS},
+                           timeout=600)
     if not cpu:
         assert check.returncode == 1
         assert check.stderr.strip().splitlines()[-1] == ("gpu_check.py: error: DeepSpeed found no GPU: this check is "
