@@ -5,8 +5,12 @@ example in DeepSpeed's examples collection, with its flags, config, network and 
     torchrun --standalone --nproc_per_node 2 cifar10_deepspeed.py --deepspeed
     python cifar10_deepspeed.py --deepspeed --dataset synthetic --dtype fp32    # one process, no launcher
 
-This file is the lesson, top to bottom. What a real run needs beyond it is in the package cifar10ds, one
-module per subject (options, data, launch, machine, fixes, checkpoints, metrics, model_files), called by name.
+This file is the lesson, top to bottom, in the reference's order and its Steps 1 to 4. What a real run needs
+beyond it is in the package cifar10ds, one module per subject (options, data, launch, machine, fixes,
+checkpoints and universal, preemption, metrics, model_files), called by name. Every place where training
+differs from what plain DeepSpeed 0.19.8 would compute is a call here whose name says so, with its upstream
+issue: fixes.wrap_torch_adam_as_deepspeed_wraps_its_own, fixes.scale_the_fp16_loss,
+fixes.clip_by_the_global_norm, fixes.replay_host_adam_steps, and machine.use_torch_fused_adamw.
 """
 
 import os
@@ -20,11 +24,12 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from cifar10ds import checkpoints, data, fixes, launch, machine, metrics, model_files, options
+from cifar10ds import checkpoints, data, fixes, launch, machine, metrics, model_files, options, preemption
 
 
-def parse_args(argv=None):
-    """The reference's flags with its defaults, the flags beyond it, and DeepSpeed's (--deepspeed, ...)."""
+def add_argument(argv=None):
+    """The reference's flags with its defaults, the flags beyond it, and DeepSpeed's (--deepspeed, ...): the
+    parsed arguments."""
     parser = options.ArgumentParser(prog="cifar10_deepspeed.py", description="CIFAR-10 with DeepSpeed, dense or MoE")
 
     # Training, as in the reference.
@@ -54,6 +59,12 @@ def parse_args(argv=None):
     options.add_flags(parser)  # beyond the reference: data, batch, MoE levers, checkpoints, metrics, offload, ...
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args(argv)
+
+
+def create_moe_param_groups(model):
+    """Split expert parameters into their own optimizer groups (marked moe=True)."""
+    parameters = {"params": [p for p in model.parameters()], "name": "parameters"}
+    return split_params_into_different_moe_groups_for_optimizer(parameters)
 
 
 def get_ds_config(args):
@@ -120,15 +131,9 @@ class Net(nn.Module):
             return self.fc3(x)
         self.aux_losses = []
         for layer in self.moe_layer_list:
-            x, aux_loss, _ = layer(x)  # and the tokens sent to each expert, which the router adds up
+            x, aux_loss, _ = layer(x)  # and each expert's token count (self.router reads the gates by a hook)
             self.aux_losses.append(aux_loss)
         return self.fc4(x)
-
-
-def create_moe_param_groups(model):
-    """Split expert parameters into their own optimizer groups (marked moe=True)."""
-    parameters = {"params": [p for p in model.parameters()], "name": "parameters"}
-    return split_params_into_different_moe_groups_for_optimizer(parameters)
 
 
 def load_data(args):
@@ -166,10 +171,14 @@ def build_engine(args, config, trainset):
     parameters = [p for p in net.parameters() if p.requires_grad]
     if args.moe_param_group:
         parameters = create_moe_param_groups(net)  # expert parameters in optimizer groups of their own
+    # DeepSpeed#8613, #8588: fp16/bf16 without ZeRO wrap torch's Adam as DeepSpeed wraps its own (FP16_Optimizer),
+    # or the clipping norm leaves out the experts' gradients and keeps the loss scale.
+    fixes.wrap_torch_adam_as_deepspeed_wraps_its_own()
     model_engine, optimizer, trainloader, __ = deepspeed.initialize(
         args=args, model=net, model_parameters=parameters, training_data=trainset,
         collate_fn=data.collate_fn(trainset), config=config)
-    fixes.apply(model_engine)  # what DeepSpeed's engine gets wrong: cifar10ds/fixes.py says what and why
+    fixes.scale_the_fp16_loss(model_engine)  # DeepSpeed#8393: fp16 without ZeRO, or every update is 32768x too small
+    fixes.clip_by_the_global_norm(model_engine)  # DeepSpeed#8475: fp32 without ZeRO, or EP clips by the wrong norm
 
     if args.init_from and args.moe and (problem := model_files.check_expert_ranks(args)):
         machine.stop(f"error: --init-from: {problem}", every_rank=True)
@@ -192,20 +201,21 @@ def train_step(model_engine, criterion, inputs, labels, aux_loss_coef=0.0):
     return loss.detach().float()
 
 
-def train(model_engine, trainloader, testset, args, start=None):
-    """The reference's loop from `start`: every epoch in a new order, a loss line every --log-interval steps.
+def train(model_engine, trainloader, testset, args, start=None, signals=None):
+    """The reference's loop from `start`, a loss line every --log-interval steps; beyond it, every epoch in a new
+    order (the reference keeps one), the same on resume.
 
     Beyond it: throughput, gradient norms and expert load on the log lines and the monitors, an evaluation every
-    --eval-every epochs, a checkpoint every epoch with --save-dir, and a scheduler's signal that saves where the
-    run is and leaves (checkpoints.Preemption).
+    --eval-every epochs, a checkpoint every epoch with --save-dir, and a scheduler's signal or a Ctrl-C that saves
+    where the run is and leaves (preemption.Preemption, noting signals since the run began).
     """
     start = start or checkpoints.Position()
+    signals = signals or preemption.Preemption()
     criterion = nn.CrossEntropyLoss()
     aux_loss_coef = args.moe_aux_loss_coef if args.moe else 0.0  # a dense Net has no gate, so no aux loss
     accumulation = model_engine.gradient_accumulation_steps()
     steps_per_epoch = len(trainloader) // accumulation  # optimizer steps; the loader yields micro-batches
     log = metrics.Log(model_engine, args, steps_per_epoch)
-    preemption = checkpoints.Preemption(model_engine.device)
     for epoch in range(start.epoch, args.epochs):
         first = start.step if epoch == start.epoch else 0  # optimizer steps a mid-epoch checkpoint took
         trainloader.data_sampler.set_epoch(epoch)  # a new order every epoch, the same on resume
@@ -224,9 +234,9 @@ def train(model_engine, trainloader, testset, args, start=None):
                 micro_losses = []
                 if i % args.log_interval == args.log_interval - 1:
                     log.print_interval(epoch, i)  # the reference's loss line; then throughput and expert load
-                if signum := preemption.agreed_at(i + 1, steps_per_epoch):
+                if signum := signals.agreed_at(i + 1, steps_per_epoch):
                     tag = args.save_dir and save_checkpoint(model_engine, args, epoch, i + 1, log.state())
-                    preemption.stop(signum, args.save_dir, tag)
+                    signals.stop(signum, args.save_dir, tag)
         accuracy = None
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
             counts = count_correct(model_engine, testset, model_engine.device, model_engine.get_data_types()[0],
@@ -236,9 +246,9 @@ def train(model_engine, trainloader, testset, args, start=None):
         tag = args.save_dir and save_checkpoint(model_engine, args, epoch)
         if tag and accuracy is not None:
             checkpoints.mark_best(args.save_dir, tag, accuracy)
-        if signum := preemption.agreed():
-            preemption.stop(signum, args.save_dir, tag)
-    preemption.close()
+        if signum := signals.agreed():
+            signals.stop(signum, args.save_dir, tag)
+    signals.close()
 
 
 def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
@@ -264,7 +274,7 @@ def resume(model_engine, args):
             load_path, client_state = model_engine.load_checkpoint(args.save_dir, os.path.basename(path))
         else:  # through DeepSpeed's universal checkpoint, experts by global id
             load_path, client_state = checkpoints.load_in_this_layout(model_engine, args, path, saved, Net)
-    fixes.replay_host_adam_steps(model_engine)
+    fixes.replay_host_adam_steps(model_engine)  # CPU Adam after a restart: the bias correction the saving run had
     return checkpoints.position(load_path, client_state, path, move)
 
 
@@ -296,7 +306,8 @@ def count_correct(model_engine, testset, local_device, target_dtype, test_batch_
 
 
 def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, shard=False):
-    """Overall and per-class accuracy on the test set, printed by rank 0 as the reference prints it."""
+    """Overall and per-class accuracy on the test set, in the reference's lines; printed once, by global rank 0
+    (the reference prints them on every node's local rank 0)."""
     class_correct, class_total = count_correct(model_engine, testset, local_device, target_dtype, test_batch_size,
                                                shard)
     if dist.get_rank() == 0:
@@ -306,9 +317,12 @@ def test(model_engine, testset, local_device, target_dtype, test_batch_size=4, s
 
 
 def main(args):
+    signals = preemption.Preemption()  # SIGTERM, SIGUSR1, Ctrl-C: noted from now, acted on in train()
     config, note = options.load_ds_config(args) if args.deepspeed_config else (get_ds_config(args), None)
     options.refuse_bad_input(args, config)  # one line and exit 2 on every rank, before any work
-    optimizer = machine.choose_adam(config)  # torch's fused AdamW: nothing to compile
+    # Beyond the reference: the config's Adam trains as torch's fused AdamW, the same update, where DeepSpeed would
+    # build its own op on a first run, or crash without a compiler (DeepSpeed#1897); "torch_adam": false keeps it.
+    optimizer = machine.use_torch_fused_adamw(config)
     machine.check_the_accelerator(optimizer)  # a GPU torch cannot use stops the run; rank 0 names what trains
     for line in (note, fixes.allow_fp16(config), options.read_offload(config)):
         if line and launch.rank() == 0:
@@ -319,22 +333,38 @@ def main(args):
     launch.use_single_process_defaults()  # python cifar10_deepspeed.py: one rank, no launcher
     machine.use_share_of_cores()
     timeout = machine.dist_timeout(args)
-    fixes.prepare(timeout)  # what DeepSpeed gets wrong before deepspeed.initialize: see cifar10ds/fixes.py
+    fixes.bound_every_wait(timeout)  # no rank waits for ever on a dead peer: DeepSpeed#4115, its groups' timeout
     with machine.stop_if_a_peer_is_lost():  # a rank that died or hangs ends every other with one line
         with machine.stop_if_the_port_is_taken():
             deepspeed.init_distributed(timeout=timeout)
         get_accelerator().set_device(launch.local_rank())
+        if args.save_dir:
+            checkpoints.claim_save_dir(args.save_dir)  # one run per --save-dir: another live run's is one line
         options.refuse_what_deepspeed_refuses(config)  # its config checks, before any work
 
+        ########################################################################
+        # Step1. Data Preparation.
+        ########################################################################
         trainset, testset = load_data(args)
+
+        ########################################################################
+        # Step 2. Define the network with DeepSpeed.
+        ########################################################################
         model_engine, trainloader = build_engine(args, config, trainset)
         if args.compile:
             machine.compile_model(model_engine, args)
         start = resume(model_engine, args) if args.resume else checkpoints.Position()
 
-        train(model_engine, trainloader, testset, args, start)
+        ########################################################################
+        # Step 3. Train the network.
+        ########################################################################
+        train(model_engine, trainloader, testset, args, start, signals)
         if dist.get_rank() == 0:
             print("Finished Training")
+
+        ########################################################################
+        # Step 4. Test the network on the test data.
+        ########################################################################
         accuracy = test(model_engine, testset, model_engine.device, model_engine.get_data_types()[0],
                         shard=can_shard_eval(args, model_engine))
     model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
@@ -343,4 +373,4 @@ def main(args):
 
 if __name__ == "__main__":
     with machine.exit_without_teardown():
-        main(parse_args())
+        main(add_argument())

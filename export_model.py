@@ -9,6 +9,7 @@ Net; and what it was exported from. `torch.load(path, weights_only=True)` reads 
 """
 
 import argparse
+import os
 
 import torch
 
@@ -25,7 +26,11 @@ def main():
         exported = model_files.export(args.checkpoint, Net)
     except model_files.ModelFileError as e:
         machine.stop(f"export_model.py: error: {e}")
-    torch.save(exported, args.output)
+    try:
+        model_files.write_whole(args.output, lambda partial: torch.save(exported, partial))
+    except Exception as e:  # OSError, or torch's RuntimeError on a full disk
+        machine.stop(f"export_model.py: error: could not write {args.output} "
+                     f"({machine.why_not_written(e, os.path.dirname(os.path.abspath(args.output)))}); nothing written")
     origin = exported["exported_from"]
     print(f"Exported {origin['checkpoint']} ({origin['dtype']}, ZeRO {origin['zero_stage']}, world "
           f"{origin['world_size']}, EP {origin['ep_world_size'] or 1}) to {args.output}: {origin['weights']}")

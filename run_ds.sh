@@ -73,4 +73,8 @@ case "${BIND_CORES:-auto}" in
   *) fail "BIND_CORES must be auto, 1 or 0, got '${BIND_CORES}'" ;;
 esac
 
+# Ctrl-C: DeepSpeed's runner sets no SIGINT handler on one node (deepspeedai/DeepSpeed#3645), so it would print a
+# KeyboardInterrupt traceback and give the prompt back while the ranks still save. Ignoring SIGINT here, the runner
+# waits for its per-node launcher, which passes Ctrl-C on to the ranks; they save and say where (docs/checkpoints.md).
+trap '' INT
 exec deepspeed "${launcher_args[@]}" "$script" --deepspeed "$@"

@@ -3,7 +3,7 @@
     python bench/adam_step.py [--steps 2000]
 
 The Net's parameters (dense, as the reference builds it) with gradients, stepped by torch's AdamW in
-its three forms (fused, the script's choice: machine.choose_adam; foreach; a for-loop) and by
+its three forms (fused, the script's choice: machine.use_torch_fused_adamw; foreach; a for-loop) and by
 DeepSpeed's CPU Adam (its C++ op, built on a first run; left out where it cannot be built), with
 the reference's hyperparameters, on one thread as a rank on 2 cores has it. Prints a Markdown table:
 the median of 5 rounds of milliseconds per step, and the ratio to the fused AdamW.
@@ -18,13 +18,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cifar10_deepspeed import Net, parse_args  # noqa: E402
+from cifar10_deepspeed import Net, add_argument  # noqa: E402
 
 HYPER = dict(lr=1e-3, betas=(0.8, 0.999), eps=1e-8, weight_decay=3e-7)
 
 
 def milliseconds(make, steps):
-    params = [torch.nn.Parameter(p.detach().clone()) for p in Net(parse_args([])).parameters()]
+    params = [torch.nn.Parameter(p.detach().clone()) for p in Net(add_argument([])).parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer = make(params)

@@ -23,7 +23,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cifar10_deepspeed import Net, parse_args  # noqa: E402
+from cifar10_deepspeed import Net, add_argument  # noqa: E402
 
 REPEATS = 300
 
@@ -47,7 +47,7 @@ def main():
     os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
               f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
     torch.set_num_threads(1)
-    gradients = sum(p.numel() for p in Net(parse_args(["--deepspeed"])).parameters())
+    gradients = sum(p.numel() for p in Net(add_argument(["--deepspeed"])).parameters())
     dispatch = torch.zeros(2 * 4 * 84)
     rows = []
     for name, numel in (("all_reduce, gradients", gradients), ("all_reduce, gradient norm", 1)):

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 T = "tests/"
 LESSON, OPTIONS, DATA, LAUNCH = T + "test_cifar10_deepspeed.py", T + "test_options.py", T + "test_data.py", T + "test_launch.py"
 MACHINE, FIXES, CHECKPOINTS, METRICS = T + "test_machine.py", T + "test_fixes.py", T + "test_checkpoints.py", T + "test_metrics.py"
-MODEL_FILES, MOVES = T + "test_model_files.py", [T + "test_checkpoint_moves.py", "-k", "mid-epoch"]
+MODEL_FILES, MOVES = T + "test_model_files.py", [T + "test_checkpoint_moves.py", "-k", "goes_on"]
 LAYOUT_EP2 = [T + "test_layouts.py", "-k", "fp32-zero0-top2-w2-ep2-acting"]
 ROUTES = [METRICS, "-k", "independent_count and 2"]
 SCRIPT, PACKAGE = "cifar10_deepspeed.py", "cifar10ds/"
@@ -134,10 +134,29 @@ MUTANTS = [
     ("'latest' names a checkpoint before every rank has written it", CHECKPOINT,
      "    stop_if_any_failed(failures, args.save_dir, tag)\n    if dist.get_rank() == 0:\n        recorded(replace_file)",
      "    if dist.get_rank() == 0:\n        recorded(replace_file)", [CHECKPOINTS, "-k", "one_rank"]),
-    ("a failed write raises on its rank alone", CHECKPOINT, "                except OSError as e:\n",
-     "                except ValueError as e:\n", [CHECKPOINTS, "-k", "disk_that_fills"]),
+    ("torch.save's RuntimeError on a full disk raises on its rank alone", CHECKPOINT,
+     "                except Exception as e:  # OSError,", "                except OSError as e:  # OSError,",
+     [CHECKPOINTS, "-k", "inside_torch_save or rank_1_alone"]),
     ("a failed save leaves its partial checkpoint", CHECKPOINT, "        shutil.rmtree(folder, ignore_errors=True)\n",
-     "        pass\n", [CHECKPOINTS, "-k", "disk_that_fills"]),
+     "        pass\n", [CHECKPOINTS, "-k", "disk or rank_1_alone"]),
+    ("a failed write of 'latest' leaves its partial file", FILES, "            os.remove(partial)\n",
+     "            pass\n", [CHECKPOINTS, "-k", "latest_on_a_full_disk"]),
+    ("Ctrl-C is not a stop signal", PACKAGE + "preemption.py", "SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)",
+     "SIGNALS = (signal.SIGTERM, signal.SIGUSR1)", [CHECKPOINTS, "-k", "ctrl_c"]),
+    ("a second Ctrl-C is ignored", PACKAGE + "preemption.py", "                raise KeyboardInterrupt\n", "                pass\n",
+     [CHECKPOINTS, "-k", "second_ctrl_c"]),
+    ("a signal during start-up is forgotten", SCRIPT,
+     "        train(model_engine, trainloader, testset, args, start, signals)",
+     "        train(model_engine, trainloader, testset, args, start)", [CHECKPOINTS, "-k", "start_up"]),
+    ("a move to another layout starts the fp16 loss scale afresh", PACKAGE + "universal.py",
+     'if key in ("loss_scaler", "dynamic_loss_scale")} if os.path.isfile(first)', "if key in ()} if os.path.isfile(first)",
+     MOVES[:1] + ["-k", "fp16"]),
+    ("a fix whose DeepSpeed target is gone patches nothing, in silence", FIX, "    if not hasattr(owner, name):",
+     "    if False:", [FIXES, "-k", "target_changed"]),
+    ("DeepSpeed warns of the reference's cpu_offload twice a run", CONFIG,
+     '    zero.pop("cpu_offload", None)  # the reference', "    pass  # the reference", [LAUNCH, "-k", "plain_python"]),
+    ("two runs write into one save dir", SCRIPT, "            checkpoints.claim_save_dir(args.save_dir)  #",
+     "            pass  #", [CHECKPOINTS, "-k", "live_run"]),
     ("predict.py compiles DeepSpeed's shared-memory all-reduce on a first run", "predict.py",
      "        fixes.skip_the_shared_memory_all_reduce()\n", "", [MODEL_FILES, "-k", "predict_evaluates"]),
     # files from elsewhere and bad input
@@ -156,8 +175,8 @@ MUTANTS = [
     ("a peer that never joins is a traceback", ACCELERATOR,
      "if not (isinstance(e, torch.distributed.DistError) or \"gloo\" in str(e)):", "if True:",
      [MACHINE, "-k", "never_comes"]),
-    ("a preempted rank exits 0", CHECKPOINT, "status=PREEMPTED)", "status=0)",
-     [CHECKPOINTS, "-k", "one_rank or without_a_save_dir"]),
+    ("a preempted rank exits 0", PACKAGE + "preemption.py", "status = PREEMPTED if tag", "status = 0 if tag",
+     [CHECKPOINTS, "-k", "one_rank", T + "test_slurm.py"]),
     ("--keep-last deletes best", CHECKPOINT, 'for name in ("latest", "best"):', 'for name in ("latest",):',
      [CHECKPOINTS, "-k", "keep_last"]),
     ("resume accepts a checkpoint of another run", CHECKPOINT, "if saved.get(key) != value]", "if False]",

@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--synthetic-train-size", type=int, default=5000)
     args = parser.parse_args()
 
-    net_args = cifar10_deepspeed.parse_args(["--dataset", "synthetic", "--synthetic-train-size",
+    net_args = cifar10_deepspeed.add_argument(["--dataset", "synthetic", "--synthetic-train-size",
                                              str(args.synthetic_train_size)])
     trainset, _ = data.load_datasets(net_args, download=False)
     workers = machine.data_loader_workers() if args.workers is None else args.workers

@@ -49,7 +49,7 @@ timed(deepspeed, "init_distributed", "deepspeed.init_distributed")
 timed(cifar10_deepspeed, "load_data", "the data")
 timed(deepspeed, "initialize", "deepspeed.initialize")
 timed(cifar10_deepspeed, "train_step", "the first step")
-cifar10_deepspeed.main(cifar10_deepspeed.parse_args())
+cifar10_deepspeed.main(cifar10_deepspeed.add_argument())
 print("PHASES " + json.dumps(marks), flush=True)
 os._exit(0)
 """
@@ -93,7 +93,7 @@ def first_runs(repeats, cold):
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(ROOT, "ds_config.json")) as f:
             config = json.load(f)
-        config["optimizer"]["params"]["torch_adam"] = False  # DeepSpeed's own Adam, as before choose_adam
+        config["optimizer"]["params"]["torch_adam"] = False  # DeepSpeed's own Adam, as before use_torch_fused_adamw
         deepspeed_adam = os.path.join(tmp, "deepspeed_adam.json")
         with open(deepspeed_adam, "w") as f:
             json.dump(config, f)

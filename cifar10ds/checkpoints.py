@@ -1,14 +1,17 @@
 """Checkpoints around DeepSpeed's save_checkpoint and load_checkpoint: what each holds beyond the engine's state
-(run.json, the position, every rank's random numbers), 'latest' and 'best', --keep-last, --resume's checks, and
-preemption: a scheduler's signal saves where the run is and leaves (docs/checkpoints.md)."""
+(run.json, the position, every rank's random numbers), 'latest' and 'best', --keep-last, --resume's checks, a
+failed write in one line, and one run per save dir (docs/checkpoints.md). A signal's save: preemption.py."""
 
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
-import signal
+import socket
 
 import deepspeed.comm as dist
 import torch
@@ -17,10 +20,10 @@ from deepspeed.accelerator import get_accelerator
 from cifar10ds import fixes, machine, model_files, options, universal
 
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
-CHECK_EVERY = 10  # optimizer steps between the ranks' agreement on a signal: one small all-reduce
-PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
 LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: load_in_this_layout
 SAVE_FAILED = 74  # the exit status of every rank when a checkpoint could not be written (EX_IOERR)
+RUN_LOCK = ".run.lock"  # in --save-dir: the run writing there holds a lock on it
+SAVE_DIR_IN_USE = 73  # the exit status of every rank when another run writes into --save-dir (EX_CANTCREAT)
 
 
 @dataclasses.dataclass
@@ -65,21 +68,22 @@ def saving(model_engine, args, tag):
     writes it as soon as rank 0's own are: a kill at the wrong moment left a 'latest' that does not load); then
     --keep-last prunes.
 
-    A write that fails on any rank (a full disk, an I/O error) removes the partial checkpoint and stops every rank
-    together with one line: nothing finished is lost, and 'latest' still names the last complete checkpoint.
-    DeepSpeed's save has collectives between its writes, so a rank whose write raised would leave the others
-    waiting there: its writes (checkpoint_engine.save, and the recovery scripts it copies into ZeRO checkpoints)
-    record the failure instead, every rank runs the save to its end, and then the ranks agree.
+    A write that fails on any rank (a full disk, an I/O error), whatever it raises (torch.save reports a full disk
+    as a RuntimeError from its zip writer), removes the partial checkpoint and stops every rank together with one
+    line: nothing finished is lost, and 'latest' still names the last complete checkpoint. DeepSpeed's save has
+    collectives between its writes, so a rank whose write raised would leave the others waiting there: its writes
+    (checkpoint_engine.save, and the recovery scripts it copies into ZeRO checkpoints) record the failure instead,
+    every rank runs the save to its end, and then the ranks agree.
     """
     failures = []
 
     def recorded(write):
-        def write_or_record(*args, **kwargs):
+        def write_or_record(*write_args, **kwargs):
             if not failures:  # after one failure, nothing more is written
                 try:
-                    write(*args, **kwargs)
-                except OSError as e:
-                    failures.append(e)
+                    write(*write_args, **kwargs)
+                except Exception as e:  # OSError, torch's RuntimeError, ...: the write failed
+                    failures.append(machine.why_not_written(e, args.save_dir))
         return write_or_record
 
     folder = os.path.join(args.save_dir, tag)
@@ -112,7 +116,7 @@ def stop_if_any_failed(failures, save_dir, tag):
     """Every rank says whether a write of checkpoint `tag` failed; if one did, rank 0 removes the checkpoint and
     every rank stops with SAVE_FAILED and one line naming it, the reason and what --resume will continue from."""
     reasons = [None] * dist.get_world_size()
-    dist.all_gather_object(reasons, failures[0].strerror or str(failures[0]) if failures else None)
+    dist.all_gather_object(reasons, failures[0] if failures else None)
     reason = next((reason for reason in reasons if reason), None)
     if reason is None:
         return
@@ -130,10 +134,11 @@ def stop_if_any_failed(failures, save_dir, tag):
 
 
 def replace_file(path, text):
-    """Write `text` to `path` in one step: a reader finds the old text or the new, never a part."""
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
+    """Write `text` to `path` in one step (model_files.write_whole)."""
+    def write(partial):
+        with open(partial, "w") as f:
+            f.write(text)
+    model_files.write_whole(path, write)
 
 
 def checkpoint_order(tag):
@@ -312,44 +317,51 @@ def set_rng_state(rank_state):
     get_accelerator().set_rng_state(rank_state["accelerator"])
 
 
-class Preemption:
-    """A scheduler's SIGTERM or SIGUSR1 (SLURM, Kubernetes, DeepSpeed's launcher passing one on): the handler
-    notes it and does nothing else, so a second signal, during the save too, changes nothing. The ranks agree on
-    it at a step boundary, every CHECK_EVERY steps and at each epoch's end, then save where they are and leave
-    together with exit status PREEMPTED (run again with --resume), or 128 + the signal's number where there is
-    no --save-dir and nothing was saved."""
+_held_lock = None  # the open lock file of the --save-dir this process writes: closing it would release the lock
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, device):
-        self.device = device
-        self.signum = 0
-        self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+def claim_save_dir(save_dir):
+    """One run per --save-dir: rank 0 takes a lock on <save-dir>/.run.lock for the whole run, and writes there which
+    run holds it (host, process, start). Where another live run holds it, every rank stops with one line naming
+    that run, before any work. Every rank must call it.
 
-    def note(self, signum, frame):
-        self.signum = self.signum or signum
+    The lock is a POSIX record lock (fcntl), which the kernel releases when its process ends, however it ends
+    (kill -9 too): a dead run leaves a file that stops nobody. On a shared file system the server holds it for the
+    client node: NFSv4, Lustre (mounted with flock), GPFS and BeeGFS lock across nodes, and release a node that
+    went away once its lease ends (NFSv4: 90 s by default). Where the file system has no locks, rank 0 says so
+    and the run goes on unguarded."""
+    global _held_lock
+    holder = None
+    if dist.get_rank() == 0:
+        path = os.path.join(save_dir, RUN_LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                holder = run_holding(fd)
+            else:
+                print(f"warning: --save-dir {save_dir} has no file locks ({e.strerror}): nothing stops another run "
+                      f"from writing into it at the same time", flush=True)
+            os.close(fd)
+        else:
+            started = datetime.datetime.now().astimezone().isoformat(" ", "seconds")
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                                     "slurm_job": os.environ.get("SLURM_JOB_ID")}).encode())
+            _held_lock = fd
+    holders = [holder]
+    dist.broadcast_object_list(holders, src=0)
+    if holders[0]:
+        machine.stop(f"error: --save-dir {save_dir} is in use by another run ({holders[0]}): wait for it to end, or "
+                     f"give this run another --save-dir", status=SAVE_DIR_IN_USE)
 
-    def agreed(self):
-        """The signal that reached any rank (0 if none); every rank must ask at the same step."""
-        if dist.get_world_size() == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
 
-    def agreed_at(self, steps, steps_per_epoch):
-        """agreed(), at every CHECK_EVERY-th of the epoch's `steps` but its last (its end asks anyway); else 0."""
-        return self.agreed() if steps % CHECK_EVERY == 0 and steps < steps_per_epoch else 0
-
-    def stop(self, signum, save_dir, tag):
-        """Say what was saved (`tag`, or None: nothing) and end every rank together."""
-        name = signal.Signals(signum).name
-        if tag:
-            machine.stop(f"Preempted by {name}: saved checkpoint {os.path.join(save_dir, tag)}; run again with "
-                         f"--resume to continue from there (exit {PREEMPTED})", status=PREEMPTED)
-        machine.stop(f"Preempted by {name}: nothing saved, as there is no --save-dir (exit {128 + signum})",
-                     status=128 + signum)
-
-    def close(self):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+def run_holding(fd):
+    """The run that holds a save dir's lock, in a few words, from what it wrote in the lock file."""
+    try:
+        run = json.loads(os.pread(fd, 4096, 0))
+        slurm = f", SLURM job {run['slurm_job']}" if run.get("slurm_job") else ""
+        return f"host {run['host']}, process {run['pid']}{slurm}, started {run['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a run that is starting"

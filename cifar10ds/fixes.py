@@ -1,12 +1,15 @@
 """What DeepSpeed 0.19.8 gets wrong for this script, fixed at the narrowest point. Each fix says the upstream
-issue, what breaks without it, and when to delete it. The script applies them where they act: allow_fp16()
-with the config, prepare() before deepspeed.init_distributed, apply() after deepspeed.initialize,
-read_experts_by_global_id() around a universal load_checkpoint, and replay_host_adam_steps() after
-load_checkpoint."""
+issue, what breaks without it, and when to delete it, and checks that what it patches is still there in the
+shape it expects (target): another DeepSpeed stops the run in one line naming the fix. The script calls each
+by its name where it acts: allow_fp16() with the config, bound_every_wait() before deepspeed.init_distributed,
+wrap_torch_adam_as_deepspeed_wraps_its_own() before deepspeed.initialize, scale_the_fp16_loss() and
+clip_by_the_global_norm() after it; checkpoints.py calls read_experts_by_global_id() around a universal
+load_checkpoint, and the script replay_host_adam_steps() after load_checkpoint."""
 
 import contextlib
 import importlib
 
+import deepspeed
 import torch
 import torch.distributed.distributed_c10d
 from deepspeed.accelerator import get_accelerator
@@ -15,20 +18,28 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
 from deepspeed.utils import groups
 
-from cifar10ds import model_files, options
+from cifar10ds import machine, model_files, options
+
+TESTED_WITH = "0.19.8"  # the DeepSpeed whose internals the fixes patch (requirements.txt)
 
 
-def prepare(timeout):
-    """The fixes deepspeed.init_distributed and deepspeed.initialize need in place: every rank, before the first."""
+def target(owner, name, fix, upstream):
+    """What `fix` patches: `owner`'s attribute `name`, as DeepSpeed 0.19.8 has it. Where another DeepSpeed (or
+    torch) lacks it, the fix would patch nothing and the run would train wrong in silence: every rank stops with
+    one line naming the fix and its upstream issue."""
+    if not hasattr(owner, name):
+        what = getattr(owner, "__name__", type(owner).__name__)
+        machine.stop(f"error: fix {fix} ({upstream}) finds no {what}.{name} in DeepSpeed {deepspeed.__version__} "
+                     f"(torch {torch.__version__}): this project's fixes patch DeepSpeed {TESTED_WITH} (requirements.txt); "
+                     f"install it, or check the fix against yours (docs/fixes.md)", every_rank=True)
+    return getattr(owner, name)
+
+
+def bound_every_wait(timeout):
+    """The fixes that keep a rank from waiting for ever on a dead peer, which change nothing computed: every rank,
+    before deepspeed.init_distributed."""
     skip_the_shared_memory_all_reduce()
     give_every_group_the_timeout(timeout)
-    wrap_torch_adam_as_deepspeed_wraps_its_own()
-
-
-def apply(model_engine):
-    """The fixes of the engine deepspeed.initialize returned."""
-    scale_the_fp16_loss(model_engine)
-    clip_by_the_global_norm(model_engine)
 
 
 def skip_the_shared_memory_all_reduce():
@@ -42,7 +53,9 @@ def skip_the_shared_memory_all_reduce():
     and falls back to the process group's all-reduce without it. Delete when DeepSpeed builds it on demand.
     """
     # deepspeed.comm re-exports torch itself under the name of this module: import the module by its full name
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    module = importlib.import_module("deepspeed.comm.torch")
+    target(module, "build_shm_op", "skip_the_shared_memory_all_reduce", "deepspeedai/DeepSpeed#4115")
+    module.build_shm_op = lambda: None
 
 
 def give_every_group_the_timeout(timeout):
@@ -53,6 +66,7 @@ def give_every_group_the_timeout(timeout):
     expert-parallel all-to-all waits torch's default (30 minutes on gloo), whatever --dist-timeout says.
     Delete when DeepSpeed passes its timeout to new_group().
     """
+    target(torch.distributed.distributed_c10d, "default_pg_timeout", "give_every_group_the_timeout", "none filed")
     torch.distributed.distributed_c10d.default_pg_timeout = timeout
 
 
@@ -63,12 +77,13 @@ def wrap_torch_adam_as_deepspeed_wraps_its_own():
     FP16_UnfusedOptimizer, which is never told about MoE layers, so its clipping norm leaves out the expert
     gradients (#8613) and the norm it reports still carries the loss scale (#8588); its loss scale also starts
     elsewhere than the config's initial_scale_power. torch's AdamW steps FP16_Optimizer's flat fp32 groups as
-    FusedAdam does (machine.choose_adam picks it). Delete when DeepSpeed picks the wrapper by what the optimizer
+    FusedAdam does (machine.use_torch_fused_adamw picks it). Delete when DeepSpeed picks the wrapper by what the optimizer
     can step, not by its class.
     """
     engine = importlib.import_module("deepspeed.runtime.engine")
-    if isinstance(engine.FusedAdam, type):
-        engine.FusedAdam = (engine.FusedAdam, torch.optim.Adam, torch.optim.AdamW)
+    fused = target(engine, "FusedAdam", "wrap_torch_adam_as_deepspeed_wraps_its_own", "deepspeedai/DeepSpeed#8613")
+    if isinstance(fused, type):  # a second call finds the tuple of the first
+        engine.FusedAdam = (fused, torch.optim.Adam, torch.optim.AdamW)
 
 
 def allow_fp16(config):
@@ -83,6 +98,7 @@ def allow_fp16(config):
     accelerator = get_accelerator()
     if options.config_dtype(config) != "fp16":
         return None
+    target(accelerator, "is_fp16_supported", "allow_fp16", "deepspeedai/DeepSpeed#7207")
     speed = "slower than fp32 (1.5x to 11x measured); pass --dtype fp32 to train faster"
     if not accelerator.is_fp16_supported():
         accelerator.is_fp16_supported = lambda: True
@@ -104,7 +120,10 @@ def scale_the_fp16_loss(model_engine):
     """
     if not model_engine.fp16_enabled() or model_engine.zero_optimization():
         return
-    backward, scaler = model_engine.backward, model_engine.optimizer.loss_scale_config
+    fix, upstream = "scale_the_fp16_loss", "deepspeedai/DeepSpeed#8393"
+    backward = target(model_engine, "backward", fix, upstream)
+    scaler = target(model_engine.optimizer, "loss_scale_config", fix, upstream)
+    target(scaler, "cur_scale", fix, upstream)
 
     def scaled_backward(loss, *args, **kwargs):
         loss = loss.float()  # as FP16_Optimizer.backward scales it: the scale may pass fp16's largest number
@@ -126,13 +145,17 @@ def clip_by_the_global_norm(model_engine):
     gradients' squares summed over their expert-parallel group, each expert counted once: one process's.
     Delete when #8475 is fixed in the pinned DeepSpeed.
     """
+    fix, upstream = "clip_by_the_global_norm", "deepspeedai/DeepSpeed#8475"
+    target(model_engine, "clip_fp32_gradients", fix, upstream)
+    expert_parallel_group = target(groups, "_get_expert_parallel_group", fix, upstream)
+
     def clip_fp32_gradients():
         grads = {}
         for p in model_engine.module.parameters():
             if p.grad is not None:
                 grads.setdefault(p.group_name if is_moe_param(p) else None, []).append(p.grad)
         squares = [get_global_norm_of_tensors(tensors, mpu=model_engine.mpu,
-                                              moe_ep_group=name and groups._get_expert_parallel_group(name)) ** 2
+                                              moe_ep_group=name and expert_parallel_group(name)) ** 2
                    for name, tensors in grads.items()]
         norm = torch.stack(squares).sum().sqrt()
         model_engine._global_grad_norm = norm
@@ -152,7 +175,7 @@ def read_experts_by_global_id(model_engine):
     E/EP - 1. Without it: a MoE checkpoint moved to EP 2 or more trained the wrong experts on from the wrong
     moments. Delete when DeepSpeed's loader names experts by their global id.
     """
-    names = model_engine.optimizer.param_names
+    names = target(model_engine.optimizer, "param_names", "read_experts_by_global_id", "deepspeedai/DeepSpeed#6589")
     original = dict(names)
     names.update({p: name for p, name in model_files.global_names(model_engine.module).items() if p in names})
     try:
@@ -177,11 +200,13 @@ def replay_host_adam_steps(model_engine):
     group = optimizer.param_groups[0]
     args = group["lr"], *group["betas"], group["eps"]
     dummy = [torch.zeros(1) for _ in range(4)]
+    fix, upstream = "replay_host_adam_steps", "none filed"
     if isinstance(optimizer, DeepSpeedCPUAdam):
+        adam_update = target(optimizer.ds_opt_adam, "adam_update", fix, upstream)
         for step in range(1, steps + 1):
-            optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, *args, group["weight_decay"],
-                                              group["bias_correction"], *dummy)
+            adam_update(optimizer.opt_id, step, *args, group["weight_decay"], group["bias_correction"], *dummy)
     elif isinstance(optimizer, FusedAdam) and group["params"][0].device.type == "cpu":
+        target(optimizer, "multi_tensor_adam", fix, upstream)
         for step in range(1, steps + 1):
             optimizer.multi_tensor_adam(2048, optimizer._dummy_overflow_buf, [[tensor] for tensor in dummy], *args,
                                         step, optimizer.adam_w_mode, group["bias_correction"], group["weight_decay"])

@@ -3,9 +3,11 @@ and the lines that say what was chosen (docs/gpu.md, docs/compile.md, docs/nodes
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +62,11 @@ def exit_without_teardown():
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except KeyboardInterrupt:  # a Ctrl-C before training's handler was set, or a second one (preemption.Preemption)
+        status = 130
+        if launch.local_rank() == 0:
+            print(f"Stopped at once by Ctrl-C (exit {status}): nothing was saved since the last complete checkpoint",
+                  file=sys.stderr)
     except BaseException:  # the traceback Python would print, and its status
         traceback.print_exc()
         status = 1
@@ -72,6 +79,16 @@ def first_line(error):
     """An exception's first line, or its type's name where it says nothing."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def why_not_written(error, path):
+    """Why a write under `path` failed, in a few words. torch.save reports a full disk as a RuntimeError from its
+    zip writer ("unexpected pos 576 vs 534"): a file system with no space left is named as such, whatever was
+    raised; torch's other reasons lose their C++ source position."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path).free == 0:
+            return os.strerror(errno.ENOSPC)
+    return getattr(error, "strerror", None) or re.sub(r"^\[enforce fail at [^]]*\][\s.]*", "", first_line(error))
 
 
 def dist_timeout(args):
@@ -211,7 +228,7 @@ def accelerator_line():
 
 def check_the_accelerator(optimizer):
     """Stop every rank where torch cannot use the GPU this box has; otherwise rank 0's first line names the
-    accelerator, and the `optimizer` (choose_adam's words) that trains."""
+    accelerator, and the `optimizer` (use_torch_fused_adamw's words) that trains."""
     problem = unusable_gpu()
     if problem:
         stop(f"error: {problem}")
@@ -219,7 +236,7 @@ def check_the_accelerator(optimizer):
         print(f"{accelerator_line()}; optimizer: {optimizer}", flush=True)
 
 
-def choose_adam(config):
+def use_torch_fused_adamw(config):
     """Have the config's Adam trained by torch's fused AdamW where DeepSpeed would build its own; return the
     optimizer that trains and why, in a few words.
 

@@ -3,6 +3,7 @@ expert by its global id), with the flags that build the Net again; and --init-fr
 them (docs/export.md). The Net class is handed in: this package never imports the training script."""
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -36,6 +37,19 @@ class ModelFileError(Exception):
 # and bf16 ZeRO, ZeRO's stage, where each parameter lies in a ZeRO partition), found by reading every checkpoint
 # kind: allowed by name when a file is read, and nothing else.
 ALLOWED = [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def write_whole(path, write):
+    """Write the file `path` in one step through write(a temporary path beside it): a reader finds the old file or
+    the new, never a part, and a write that fails (a full disk) leaves the old file and no part of the new one."""
+    partial = f"{path}.tmp"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise
 
 
 def load(path):

@@ -346,12 +346,14 @@ def refuse_what_deepspeed_refuses(config):
 
 
 def read_offload(config):
-    """Rewrite the MoE tutorial's "cpu_offload": true as DeepSpeed reads it (offload_optimizer, device cpu) and
+    """Rewrite the MoE tutorial's "cpu_offload": true as DeepSpeed reads it (offload_optimizer, device cpu), leave
+    out the reference's "cpu_offload": false (DeepSpeed's deprecation warning, twice a run, says nothing), and
     return rank 0's line on what ZeRO-Offload keeps on the host, or None when nothing is offloaded."""
     zero = config.get("zero_optimization", {})
     old_spelling = bool(zero.get("cpu_offload"))
     if old_spelling:
         offload_to_cpu(zero, parameters=False)
+    zero.pop("cpu_offload", None)  # the reference's "cpu_offload": false, which DeepSpeed warns of twice a run
     places = {}
     for key, what in OFFLOADED.items():
         device = (zero.get(key) or {}).get("device", "none")

@@ -1,12 +1,14 @@
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,7 +62,7 @@ def pytest_terminal_summary(terminalreporter, config):
 @pytest.fixture
 def parse():
     """Parse command-line flags as the script does."""
-    return lambda *argv: cifar10_deepspeed.parse_args(list(argv))
+    return lambda *argv: cifar10_deepspeed.add_argument(list(argv))
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +71,7 @@ def single_rank_group():
     DeepSpeed in place as its main() puts them."""
     for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
         os.environ.setdefault(name, str(value))
-    fixes.prepare(deepspeed.constants.default_pg_timeout)
+    fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)
     deepspeed.init_distributed()
 
 
@@ -137,20 +139,38 @@ def start(cmd, cwd, env=None, **popen_args):
     return proc
 
 
-def live_processes(session):
-    """The processes of a session that are still running (zombies, already dead, are left out).
-
-    A session, not a process group: ninja starts each compiler in a group of its own.
-    """
+def running(field, value):
+    """The processes still running (zombies, already dead, are left out) whose /proc stat `field` (1: parent,
+    3: session) is `value`."""
     alive = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # ended while we looked
-        if int(fields[3]) == session and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             alive.append(int(stat.parent.name))
     return alive
+
+
+def live_processes(session):
+    """The processes of a session that are still running.
+
+    A session, not a process group: ninja starts each compiler in a group of its own.
+    """
+    return running(3, session)
+
+
+def is_running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def children(pid):
+    """The running processes `pid` started: torchrun's ranks, which it starts each in a session of its own."""
+    return running(1, pid)
 
 
 def kill_session(session, wait=10):
@@ -269,15 +289,24 @@ def launch(tmp_path):
     return lambda *cmd, env=None, timeout=LAUNCH_TIMEOUT: run_command(cmd, tmp_path, env, timeout)
 
 
-def path_without(program, folder):
-    """A PATH on which `program` is not found: `folder` holds links to everything else on PATH."""
+def path_without(programs, folder):
+    """A PATH on which no program whose name `programs` (a regular expression) matches is found: `folder` holds
+    links to everything else on PATH, after the folder of this Python (a venv's python must be run from its own
+    folder to be that venv's)."""
     folder.mkdir()
     for directory in os.environ["PATH"].split(os.pathsep):
         for entry in Path(directory).glob("*") if Path(directory).is_dir() else []:
             link = folder / entry.name
-            if entry.name != program and not link.exists() and not link.is_symlink():
+            if not re.fullmatch(programs, entry.name) and not link.exists() and not link.is_symlink():
                 link.symlink_to(entry)
-    return str(folder)
+    venv = Path(sys.executable).parent
+    assert not any(re.fullmatch(programs, entry.name) for entry in venv.iterdir()), f"{venv} holds {programs}"
+    return f"{venv}{os.pathsep}{folder}"
+
+
+# Every C and C++ compiler torch.compile's inductor and DeepSpeed's op builds could find: gcc, g++, cc, c++, clang,
+# with a version or a target in front (x86_64-linux-gnu-g++-12).
+COMPILERS = r"(.*-)?(gcc|g\+\+|cc|c\+\+|clang|clang\+\+)(-[0-9.]+)?"
 
 
 # torch's words where the NVIDIA driver is older than the CUDA torch was built for (c10/cuda/CUDAFunctions.cpp).
@@ -305,40 +334,59 @@ class Accelerator:
 
 @pytest.fixture
 def machine(tmp_path):
-    """Environment settings that make a launched run see the machine a test asks for (tests/fake_machine).
+    """Environment settings that make a launched run see the machine a test asks for.
 
-    native_fp16: whether DeepSpeed's CPU accelerator reports native fp16 kernels;
-    numactl: whether numactl is installed (a stand-in that runs the command on its cores);
-    cxx: whether a C++ compiler is found, by torch.compile and by DeepSpeed's op builds (False: none, and
-    empty inductor and op caches);
+    native_fp16: whether DeepSpeed's CPU accelerator reports native fp16 kernels (a stand-in, tests/fake_machine:
+    a CPU has them or not);
+    numactl: whether numactl is found: the real one where installed (.ci/run installs it), else a stand-in that
+    runs the command on its cores; False: a PATH without it;
+    cxx: False for a machine without a C or C++ compiler: a PATH without any (COMPILERS), and empty inductor and
+    op caches, so that nothing compiled earlier is reused;
     gpu_driver: a GPU box whose torch cannot use CUDA: nvidia-smi lists a GPU with this driver, and torch
-    gives `cuda_error` as its reason (its words for a driver older than its CUDA, by default);
-    full_disk: the disk fills while torch.save writes a file whose path holds this text;
-    rank_dies: this rank exits as the script starts.
+    gives `cuda_error` as its reason (its words for a driver older than its CUDA, by default): stand-ins, as no GPU
+    can be had here.
     """
-    def settings(native_fp16=None, numactl=None, cxx=None, gpu_driver=None, cuda_error=DRIVER_TOO_OLD, full_disk=None,
-                 rank_dies=None):
+    def settings(native_fp16=None, numactl=None, cxx=None, gpu_driver=None, cuda_error=DRIVER_TOO_OLD):
         env = {}
-        if native_fp16 is not None or cxx is False or gpu_driver or full_disk or rank_dies is not None:
+        if native_fp16 is not None or gpu_driver:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MACHINE), os.environ.get("PYTHONPATH")]))
-        if full_disk:
-            env["FAKE_FULL_DISK"] = full_disk
-        if rank_dies is not None:
-            env["FAKE_RANK_DIES"] = str(rank_dies)
         if gpu_driver:
             env.update(FAKE_NVIDIA_DRIVER=gpu_driver, FAKE_CUDA_ERROR=cuda_error,
                        PATH=f"{FAKE_MACHINE / 'gpu'}{os.pathsep}{os.environ['PATH']}")
         if native_fp16 is not None:
             env["FAKE_NATIVE_FP16"] = "1" if native_fp16 else "0"
         if cxx is False:
-            env["FAKE_NO_CXX"] = "1"
-            env.update(CXX="false", CC="false", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-cache"),
-                       TORCH_EXTENSIONS_DIR=str(tmp_path / "op-cache"))  # nothing compiled earlier to reuse
-        if numactl is not None:
-            path = path_without("numactl", tmp_path / "bin-without-numactl")
-            env["PATH"] = f"{FAKE_MACHINE / 'bin'}{os.pathsep}{path}" if numactl else path
+            env.update(PATH=path_without(COMPILERS, tmp_path / "bin-without-compilers"), CXX="g++", CC="gcc",
+                       TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-cache"),
+                       TORCH_EXTENSIONS_DIR=str(tmp_path / "op-cache"))
+        if numactl is False:
+            env["PATH"] = path_without("numactl", tmp_path / "bin-without-numactl")
+        elif numactl and not shutil.which("numactl"):
+            env["PATH"] = f"{FAKE_MACHINE / 'bin'}{os.pathsep}{os.environ['PATH']}"
         return env
     return settings
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of its own (tmpfs, 64 MiB) at tmp_path/disk that a test fills while a run writes to it:
+    fill(leave) shrinks it to what it holds plus `leave` bytes, grow() gives it its 64 MiB back. Mounting needs
+    root: elsewhere the test is skipped."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def size(kib):
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(path)], check=True)
+
+    def fill(leave=0):
+        size((shutil.disk_usage(path).used + leave + 4095) // 4096 * 4)
+
+    yield SimpleNamespace(path=path, fill=fill, grow=lambda: size(64 * 1024))
+    subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def twin(gating, counts):
 
 def train_and_count(name, flags, report, metrics_dir):
     world = dist.get_world_size()
-    args = cifar10_deepspeed.parse_args([
+    args = cifar10_deepspeed.add_argument([
         "--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "160", "--synthetic-test-size", "64",
         "--seed", "0", "--dtype", "fp32", "-e", "2", "--log-interval", "5", "--eval-every", "1", "--moe",
         "--num-experts", str(world), "16", "--ep-world-size", str(world), "--moe-param-group",

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 import cifar10_deepspeed
-from cifar10ds import checkpoints, options
-from conftest import ROOT, metric, rank_pid, run_command, signal_when
+from cifar10ds import checkpoints, options, preemption
+from conftest import ROOT, children, is_running, metric, rank_pid, run_command, signal_when
 from test_launch import Nodes, script
 from train_cells import engine_of
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
@@ -26,16 +26,18 @@ SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 STEPS_PER_EPOCH = 200  # of the killed run; 600 in all, past the loss scale's first rise at step 501
 
 
-def kill_rank_1_at(cmd, cwd, marker):
-    """Launch, wait for `marker` in the output, SIGKILL rank 1, and return the launcher's Run."""
+def kill_rank_0_at(cmd, cwd, marker):
+    """Launch, wait for `marker` in the output, SIGKILL rank 0 (which holds the save dir's lock), and return the
+    launcher's Run."""
     run, _ = signal_when(cmd, cwd, lambda line: marker in line,
-                         lambda _, output: os.kill(rank_pid(output, 1), signal.SIGKILL))
+                         lambda _, output: os.kill(rank_pid(output, 0), signal.SIGKILL))
     return run
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
-    """MoE with EP 2 in fp16, 3 epochs: run through; run again, SIGKILL rank 1 in epoch 2, and resume."""
+    """MoE with EP 2 in fp16, 3 epochs: run through; run again, SIGKILL rank 0 in epoch 2, and resume: the
+    killed run's lock on the save dir went with it."""
     tmp = tmp_path_factory.mktemp("killed")
 
     def cmd(name, *extra):
@@ -45,7 +47,7 @@ def killed_and_resumed(tmp_path_factory):
                 "--metrics-dir", tmp / f"{name}-metrics", *extra]
 
     full = run_command(cmd("full"), tmp)
-    killed = kill_rank_1_at(cmd("killed"), tmp, marker="[ 2,   100] loss:")
+    killed = kill_rank_0_at(cmd("killed"), tmp, marker="[ 2,   100] loss:")
     latest_after_kill = (tmp / "killed" / "latest").read_text().strip()
     resumed = run_command(cmd("killed", "--resume"), tmp)
     return SimpleNamespace(tmp=tmp, cmd=cmd, full=full, killed=killed, resumed=resumed,
@@ -237,18 +239,17 @@ def printed(run, after):
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory):
-    """MoE with EP 2 on 2 ranks, RSample gate noise, fp32, evaluated every epoch: a run straight through; the same
-    run given SIGTERM in epoch 2, on its whole process group as SLURM and Kubernetes send it; that run continued
-    with --resume auto; and the straight run's epoch-1 checkpoint continued with --resume."""
+    """run_ds_moe.sh (MoE with EP 2 on 2 ranks, RSample gate noise) in fp32, evaluated every epoch: a run straight
+    through; the same run stopped by Ctrl-C in epoch 2 (SIGINT to its process group, as a terminal sends it); that
+    run continued with --resume auto; and the straight run's epoch-1 checkpoint continued with --resume."""
     tmp = tmp_path_factory.mktemp("preempted")
 
     def cmd(save_dir, *extra):
-        return ["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SMALL, *MOE_EP2,
-                "--eval-every", "1", "--save-dir", tmp / save_dir, *extra]
+        return [ROOT / "run_ds_moe.sh", *SMALL, "--eval-every", "1", "--save-dir", tmp / save_dir, *extra]
 
     full = run_command(cmd("full"), tmp)
     stopped, gone = signal_when(cmd("stopped"), tmp, lambda line: line.startswith("[ 2,    25] loss:"),
-                                lambda launcher, _: os.killpg(launcher.pid, signal.SIGTERM))
+                                lambda launcher, _: os.killpg(launcher.pid, signal.SIGINT))
     latest = (tmp / "stopped" / "latest").read_text()
     resumed = run_command(cmd("stopped", "--resume", "auto"), tmp)
     subprocess.run(["cp", "-r", str(tmp / "full"), str(tmp / "from-epoch1")], check=True)
@@ -259,16 +260,17 @@ def preempted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_saves_mid_epoch_and_every_rank_is_gone_within_30_s(preempted):
+def test_ctrl_c_saves_mid_epoch_in_one_line_with_no_traceback_and_nothing_left_running(preempted):
     run = preempted
     assert run.full.returncode == 0, run.full.output[-3000:]
     assert run.latest == "epoch2-step30"  # the first agreement check after the signal
     saved = run.tmp / "stopped" / "epoch2-step30"
     assert {"expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"} <= set(os.listdir(saved))
-    assert run.gone < 30, f"the ranks took {run.gone:.1f} s to leave"
+    assert run.gone < 30, f"the ranks took {run.gone:.1f} s to leave"  # signal_when waits until none is left
     lines = run.stopped.output.splitlines()
-    assert lines.count(f"Preempted by SIGTERM: saved checkpoint {saved}; run again with --resume to continue from "
-                       f"there (exit 75)") == 1
+    assert lines.count(f"Interrupted by Ctrl-C (SIGINT): saved checkpoint {saved}; run again with --resume to "
+                       f"continue from there (exit 130)") == 1
+    assert "Traceback" not in run.stopped.output and run.stopped.returncode != 0
     assert not any(line.startswith("[ 2,    50] loss:") for line in lines) and "Finished Training" not in lines
 
 
@@ -324,14 +326,62 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
 
 
 @pytest.mark.slow
-def test_sigusr1_without_a_save_dir_says_nothing_was_saved(launch, script, tmp_path):
-    """SLURM's early signal (--signal=USR1@90) to a one-rank run without --save-dir: one line, exit 128 + 10."""
-    cmd = ["python", script, "--deepspeed", *SMALL]
-    run, gone = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
-                            lambda launcher, _: launcher.send_signal(signal.SIGUSR1))
-    assert run.returncode == 128 + signal.SIGUSR1
+def test_ctrl_c_on_plain_python_without_a_save_dir_is_one_line(launch, script, tmp_path):
+    run, gone = signal_when(["python", script, "--deepspeed", *SMALL], tmp_path,
+                            lambda line: line.startswith("[ 1,    25] loss:"),
+                            lambda launcher, _: launcher.send_signal(signal.SIGINT))
+    assert run.returncode == 130 and gone < 30
+    assert "Interrupted by Ctrl-C (SIGINT): nothing saved, as there is no --save-dir (exit 130)" in run.output
+    assert "Traceback" not in run.output
+
+
+@pytest.mark.slow
+def test_slurms_signal_during_start_up_stops_the_run_at_its_first_agreement(launch, script, tmp_path):
+    """SIGUSR1 as the run starts (SLURM's --signal lands wherever the job is): noted, not the default action that
+    ends the process silently; the run stops at its first agreement, 10 steps in."""
+    run, _ = signal_when(["python", script, "--deepspeed", *SMALL], tmp_path,
+                         lambda line: line.startswith("accelerator:"),
+                         lambda launcher, _: launcher.send_signal(signal.SIGUSR1))
+    assert run.returncode == 128 + signal.SIGUSR1, run.output[-3000:]
     assert "Preempted by SIGUSR1: nothing saved, as there is no --save-dir (exit 138)" in run.output.splitlines()
-    assert gone < 30
+    assert "[ 1,    25] loss:" not in run.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_torchrun_saves_and_its_ranks_print_no_traceback(script, tmp_path):
+    """torchrun starts each rank in a session of its own: the terminal's Ctrl-C reaches torchrun, which passes it
+    on. The ranks save and say where in one line; torchrun prints a traceback of its own (its SignalException,
+    TESTING.md); no rank is left running."""
+    ranks = []
+
+    def ctrl_c(launcher, _):
+        ranks.extend(children(launcher.pid))
+        os.killpg(launcher.pid, signal.SIGINT)
+    run, gone = signal_when(["torchrun", "--standalone", "--nproc_per_node", "2", script, "--deepspeed", *SMALL,
+                             "--save-dir", tmp_path / "ckpt"], tmp_path,
+                            lambda line: line.startswith("[ 1,    25] loss:"), ctrl_c)
+    assert len(ranks) == 2 and not [pid for pid in ranks if is_running(pid)] and gone < 30
+    saved = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text()
+    assert (f"Interrupted by Ctrl-C (SIGINT): saved checkpoint {saved}; run again with --resume to continue from "
+            f"there (exit 130)") in run.output.splitlines()
+    assert str(script) not in run.output and "cifar10ds" not in run.output  # no traceback through this project
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(script, tmp_path):
+    """Two Ctrl-Cs before training reaches its first agreement (10 optimizer steps of 40 micro-batches each):
+    the second stops the run at once, in one line, with nothing saved."""
+    def twice(launcher, _):
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(preemption.Preemption.PASSED_ON + 0.2)
+        launcher.send_signal(signal.SIGINT)
+    run, gone = signal_when(["python", script, "--deepspeed", *SMALL, "--synthetic-train-size", "16000",
+                             "--batch-size", "640", "--micro-batch", "16", "--save-dir", tmp_path / "ckpt"], tmp_path,
+                            lambda line: line.startswith("accelerator:"), twice)
+    assert run.returncode == 130 and gone < 5, run.output[-3000:]
+    assert "Stopped at once by Ctrl-C (exit 130): nothing was saved since the last complete checkpoint" in run.output
+    assert "Traceback" not in run.output and "Interrupted by" not in run.output
+    assert not (tmp_path / "ckpt" / "latest").exists()
 
 
 def test_resume_auto_starts_afresh_where_there_is_no_checkpoint(single_rank_group, parse, tmp_path, capsys):
@@ -374,21 +424,112 @@ def test_the_slurm_example_requeues_on_usr1_and_resumes_by_itself(parse):
     assert options.check_args(args, cifar10_deepspeed.get_ds_config(args), world_size=8) is None
 
 
+# A full disk, for real: a tmpfs of the test's own that it shrinks to what it holds while the run trains epoch 2.
+def could_not_save(run, folder, resumes):
+    """The one line a failed save gives (once per node), exit SAVE_FAILED, no traceback."""
+    assert run.returncode == checkpoints.SAVE_FAILED, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: could not save checkpoint {folder} (No space left on device); removed it, and "
+                      f"--resume continues from {resumes}"], run.output[-3000:]
+    assert "Traceback" not in run.output
+
+
 @pytest.mark.slow
-def test_a_disk_that_fills_during_a_save_loses_no_finished_epoch(launch, script, machine, tmp_path):
-    """The disk fills while epoch 2's checkpoint is written (a stand-in for torch.save that writes part of the
-    file, then fails with ENOSPC): every rank stops with SAVE_FAILED and one line, the partial checkpoint is
-    removed, 'latest' still names epoch 1, and --resume continues from it to the end."""
-    cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "--stage", "1", "--save-dir", tmp_path / "ckpt"]
-    full = launch(*cmd, env=machine(full_disk=f"{tmp_path / 'ckpt' / 'epoch2'}"))
-    assert full.returncode == checkpoints.SAVE_FAILED, full.output[-3000:]
-    errors = [line for line in full.output.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: could not save checkpoint {tmp_path / 'ckpt' / 'epoch2'} (No space left on device); "
-                      f"removed it, and --resume continues from {tmp_path / 'ckpt' / 'epoch1'}"]
-    assert "Traceback" not in full.output and "[ 3, " not in full.output
-    assert sorted(name for name in os.listdir(tmp_path / "ckpt") if name.startswith("epoch")) == ["epoch1"]
-    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch1"
-    resumed = launch(*cmd, "--resume")
+def test_a_disk_full_at_a_signals_save_loses_nothing_and_export_onto_it_is_one_line(script, small_disk, tmp_path):
+    """One rank: the disk is full when SIGTERM's mid-epoch save begins (its run.json cannot be written). The
+    checkpoint is removed, 'latest' still names epoch 1; export_model.py onto the full disk says so and leaves no
+    file; once there is room, --resume trains to the end."""
+    ckpt = small_disk.path / "ckpt"
+    cmd = ["python", script, "--deepspeed", *SMALL, "--log-interval", "10", "--save-dir", ckpt]
+
+    def full_then_sigterm(launcher, _):
+        small_disk.fill()
+        launcher.send_signal(signal.SIGTERM)
+    run, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 2,    10] loss:"), full_then_sigterm)
+    could_not_save(run, ckpt / "epoch2-step20", ckpt / "epoch1")
+    assert sorted(os.listdir(ckpt)) == [checkpoints.RUN_LOCK, "epoch1", "latest"]
+    assert (ckpt / "latest").read_text() == "epoch1"
+
+    export = run_command(["python", ROOT / "export_model.py", ckpt, "-o", small_disk.path / "model.pt"], tmp_path)
+    assert export.returncode == 1 and "Traceback" not in export.output, export.output[-3000:]
+    assert export.output.splitlines()[-1] == (f"export_model.py: error: could not write {small_disk.path / 'model.pt'} "
+                                              f"(No space left on device); nothing written")
+    assert not any(name.startswith("model.pt") for name in os.listdir(small_disk.path))
+
+    small_disk.grow()
+    resumed = run_command([*cmd, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert f"Resuming from {tmp_path / 'ckpt' / 'epoch1'} at epoch 2" in resumed.output
-    assert "Finished Training" in resumed.output and (tmp_path / "ckpt" / "latest").read_text() == "epoch3"
+    assert f"Resuming from {ckpt / 'epoch1'} at epoch 2" in resumed.output
+    assert (ckpt / "latest").read_text() == "epoch3"
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_inside_torch_save_on_two_ranks_loses_no_finished_epoch(script, small_disk, tmp_path):
+    """Two ranks, ZeRO 1: 32 KiB are left when epoch 2's checkpoint is written, so run.json fits and torch.save
+    fails partway (a RuntimeError from its zip writer, not an OSError). Every rank stops with SAVE_FAILED, the
+    partial checkpoint is removed, and --resume continues from epoch 1 to the end."""
+    ckpt = small_disk.path / "ckpt"
+    cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--stage", "1",
+           "--log-interval", "10", "--save-dir", ckpt]
+    run, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 2,    10] loss:"),
+                         lambda *_: small_disk.fill(leave=32 * 1024))
+    could_not_save(run, ckpt / "epoch2", ckpt / "epoch1")
+    assert sorted(name for name in os.listdir(ckpt) if name.startswith("epoch")) == ["epoch1"]
+    assert (ckpt / "latest").read_text() == "epoch1"
+    small_disk.grow()
+    resumed = run_command([*cmd, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"Resuming from {ckpt / 'epoch1'} at epoch 2" in resumed.output and "Finished Training" in resumed.output
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_rank_1_alone_stops_every_rank_the_same_way(script, tmp_path):
+    """Rank 1 cannot write its ZeRO partition of epoch 2 (a directory stands where its file goes), rank 0 writes
+    all of its own: both stop with the one line naming torch's reason, and the checkpoint is removed."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "epoch2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").mkdir(parents=True)
+    run = run_command(["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--stage", "1",
+                       "--save-dir", ckpt], tmp_path)
+    assert run.returncode == checkpoints.SAVE_FAILED, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: could not save checkpoint {ckpt / 'epoch2'} (open file failed with strerror: Is a "
+                      f"directory); removed it, and --resume continues from {ckpt / 'epoch1'}"], run.output[-3000:]
+    assert "Traceback" not in run.output and not (ckpt / "epoch2").exists()
+    assert (ckpt / "latest").read_text() == "epoch1"
+
+
+def test_latest_on_a_full_disk_stays_as_it_was(small_disk):
+    latest = small_disk.path / "latest"
+    latest.write_text("epoch1")
+    (small_disk.path / "filler").write_bytes(bytes(4096))
+    small_disk.fill()
+    with pytest.raises(OSError):
+        checkpoints.replace_file(latest, "epoch2" * 2000)
+    assert latest.read_text() == "epoch1" and sorted(os.listdir(small_disk.path)) == ["filler", "latest"]
+
+
+# One run per save dir
+@pytest.mark.slow
+def test_a_second_run_on_a_live_runs_save_dir_stops_in_one_line_and_the_first_finishes(script, tmp_path):
+    """A one-rank run trains 2 epochs into ckpt; a 2-rank run given the same --save-dir (a job submitted twice)
+    stops on every rank before any work, naming the first, which finishes untouched."""
+    ckpt = tmp_path / "ckpt"
+    flags = [script, "--deepspeed", *SMALL, "-e", "2", "--synthetic-train-size", "16000", "--save-dir", ckpt]
+    second, first_pid = [], []
+
+    def start_another(launcher, _):
+        first_pid.append(launcher.pid)
+        second.append(run_command(["deepspeed", "--num_gpus", "2", *flags, "--resume", "auto"], tmp_path))
+    first, _ = signal_when(["python", *flags], tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
+                           start_another)
+    assert first.returncode == 0 and "Finished Training" in first.output, first.output[-3000:]
+    assert (ckpt / "latest").read_text() == "epoch2" and "Resuming" not in first.output
+    holder = json.loads((ckpt / checkpoints.RUN_LOCK).read_text())
+    assert holder["pid"] == first_pid[0]
+    refused = second[0]
+    assert refused.returncode == checkpoints.SAVE_DIR_IN_USE, refused.output[-3000:]
+    errors = [line for line in refused.output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: --save-dir {ckpt} is in use by another run (host {holder['host']}, process "
+                      f"{holder['pid']}, started {holder['started']}): wait for it to end, or give this run another "
+                      f"--save-dir"], refused.output[-3000:]
+    assert "[ 1, " not in refused.output and "Traceback" not in refused.output

@@ -8,9 +8,12 @@ schedule (bench/plain_loop.py's warmup_lr, which the throughput baseline uses to
 same random draws.
 """
 
+import ast
 import copy
+import inspect
 import json
 import math
+import re
 
 import deepspeed
 import pytest
@@ -25,6 +28,28 @@ from cifar10_deepspeed import Net, create_moe_param_groups, get_ds_config, train
 from cifar10ds import checkpoints, data, machine, options
 from conftest import ROOT
 from train_cells import engine_of
+
+
+REFERENCE = ROOT.parent / "shared" / "REFERENCE.md"  # what the port ports: the developers' copy
+
+
+def test_the_scripts_top_level_names_and_steps_are_the_references_in_its_order():
+    """add_argument, create_moe_param_groups, get_ds_config, Net, test, main, in that order (the script's own
+    functions between them), and main's four Step banners as the tutorial walks through them."""
+    if not REFERENCE.exists():
+        pytest.skip(f"no {REFERENCE} beside this checkout")
+    reference = REFERENCE.read_text()
+    pieces = re.findall(r"^\d\. `(\w+)\(", reference, re.M)
+    assert pieces == ["add_argument", "create_moe_param_groups", "get_ds_config", "Net", "test", "main"]
+    script = ast.parse((ROOT / "cifar10_deepspeed.py").read_text())
+    names = [node.name for node in script.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert [name for name in names if name in pieces] == pieces, names
+    assert not hasattr(cifar10_deepspeed, "parse_args")  # one name for the flags, the reference's
+    banners = [" ".join(banner.split()) for banner in re.findall(r'"(Step ?\d\. [^"]+)"', reference)]
+    assert len(banners) == 4
+    main = inspect.getsource(cifar10_deepspeed.main)
+    at = [main.index(f"# {banner}\n") for banner in banners]
+    assert at == sorted(at), banners
 
 
 def test_reference_defaults(parse):
@@ -292,8 +317,8 @@ def train_by_hand(net, batches, config):
 
 
 def train_with_deepspeed(net, batches, args, config):
-    """DeepSpeed's steps with the optimizer the script trains with (machine.choose_adam)."""
-    machine.choose_adam(config)
+    """DeepSpeed's steps with the optimizer the script trains with (machine.use_torch_fused_adamw)."""
+    machine.use_torch_fused_adamw(config)
     model_engine, *_ = deepspeed.initialize(args=args, model=net, model_parameters=net.parameters(), config=config)
     for step, (inputs, labels) in enumerate(batches):
         torch.manual_seed(step)
@@ -368,7 +393,7 @@ def test_train_tells_the_sampler_each_epoch(single_rank_group, parse, capsys):
     args = parse("--dataset", "synthetic", "--dtype", "fp32", "--synthetic-train-size", "64", "--log-interval", "2")
     trainset, testset = data.load_datasets(args, download=False)
     config = get_ds_config(args)
-    machine.choose_adam(config)
+    machine.use_torch_fused_adamw(config)
     engine, _, trainloader, _ = deepspeed.initialize(
         model=Net(args), model_parameters=Net(args).parameters(), training_data=trainset,
         collate_fn=data.collate_fn(trainset), config=config)

@@ -9,13 +9,14 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from cifar10_deepspeed import get_ds_config, parse_args
+from cifar10_deepspeed import add_argument, get_ds_config
 from cifar10ds.options import check_args, load_ds_config
-from conftest import ROOT
+from conftest import ROOT, launch_env
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_SCRIPTS = sorted(ROOT.glob("run_ds*.sh"))
@@ -150,7 +151,7 @@ def refusal(argv, world, tmp_path):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.chdir(tmp_path):
         try:
-            args = parse_args(argv)
+            args = add_argument(argv)
             config, _ = load_ds_config(args) if args.deepspeed_config else (get_ds_config(args), None)
         except SystemExit:
             return stderr.getvalue().strip()
@@ -216,9 +217,10 @@ def test_every_setting_in_the_table_is_one_the_scripts_read():
     assert read_settings() - named == set(), "a setting the scripts read is missing from docs/launch.md's table"
 
 
-def test_ci_runs_the_readme_test_command():
-    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci_command in (ROOT / "README.md").read_text().splitlines()
+def test_ci_runs_the_readme_test_commands():
+    ci_commands = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-2:]
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(ci_commands) in readme
 
 
 def test_the_readme_is_at_most_12_kb():
@@ -279,3 +281,24 @@ def test_the_lesson_reads_top_to_bottom_and_the_package_never_imports_it():
         return seen
     for name in imports:
         assert name not in reachable(name), f"{name} imports a file that imports it"
+
+
+@pytest.mark.slow
+def test_the_template_trains_in_a_folder_holding_only_what_the_readme_copies(tmp_path):
+    """The README's template command, run as written (its folder made under tmp_path): the copy trains an epoch
+    there, alone, with nothing of this checkout on its path."""
+    section = (ROOT / "README.md").read_text().split("## Use it as a template", 1)[1]
+    command = fenced_blocks(section)[0][1].strip()
+    assert "../my_training" in command
+    copied = subprocess.run(["bash", "-euo", "pipefail", "-c", command.replace("../my_training", str(tmp_path / "copy"))],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    assert sorted(os.listdir(tmp_path / "copy")) == ["cifar10_deepspeed.py", "cifar10ds", "requirements.txt"]
+    env = {key: value for key, value in launch_env().items() if key != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "cifar10_deepspeed.py", "--deepspeed", "--dataset", "synthetic",
+                          "--dtype", "fp32", "-e", "1", "--synthetic-train-size", "800", "--log-interval", "10",
+                          "--save-dir", "ckpt"], cwd=tmp_path / "copy", env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "Finished Training" in run.stdout and (tmp_path / "copy" / "ckpt" / "latest").read_text() == "epoch1"
+    assert f"{ROOT / 'cifar10'}" not in run.stdout + run.stderr  # no warning or line from this checkout's code

@@ -3,15 +3,18 @@ with its note once; the fp16 loss scaled once without ZeRO. The clipping by the 
 layout by test_layouts.py, the shared-memory buffers by test_data.py's offline launch and the suite's end, the
 host Adam's replay by test_checkpoints.py's resumed runs."""
 
+import importlib
 import re
+import types
 
+import deepspeed
 import pytest
 import torch
 import torch.nn as nn
 
 from cifar10_deepspeed import Net, get_ds_config
 from cifar10ds import fixes
-from conftest import Accelerator
+from conftest import ROOT, Accelerator
 from train_cells import engine_of
 FASTER = "slower than fp32 (1.5x to 11x measured); pass --dtype fp32 to train faster"
 FP16_NOTES = {False: f"note: DeepSpeed finds no native fp16 support on this cpu, so fp16 runs as PyTorch emulates "
@@ -79,3 +82,62 @@ def test_fp16_without_zero_backpropagates_the_scaled_loss(single_rank_group, par
             error = ((ours.grad.float() / scale - theirs.grad).norm() / theirs.grad.norm()).item()
             assert error < 0.2, f"{name}: the fp16 gradient over the loss scale is {error:.2g} off fp32's, relative"
     model_engine.destroy()
+
+
+class DeepSpeedEngineOfAnotherVersion:
+    """An fp16 engine without ZeRO whose optimizer no longer keeps its loss scale where 0.19.8 does, and without
+    the fp32 clipping method 0.19.8 has."""
+
+    def __init__(self):
+        self.optimizer = types.SimpleNamespace()
+
+    def fp16_enabled(self):
+        return True
+
+    def zero_optimization(self):
+        return False
+
+    def backward(self, loss):
+        return loss
+
+
+def without(module, name):
+    return lambda monkeypatch: monkeypatch.delattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("fix, upstream, missing, another_deepspeed, call", [
+    ("wrap_torch_adam_as_deepspeed_wraps_its_own", "deepspeedai/DeepSpeed#8613", "deepspeed.runtime.engine.FusedAdam",
+     without("deepspeed.runtime.engine", "FusedAdam"), lambda: fixes.wrap_torch_adam_as_deepspeed_wraps_its_own()),
+    ("skip_the_shared_memory_all_reduce", "deepspeedai/DeepSpeed#4115", "deepspeed.comm.torch.build_shm_op",
+     without("deepspeed.comm.torch", "build_shm_op"), lambda: fixes.skip_the_shared_memory_all_reduce()),
+    ("scale_the_fp16_loss", "deepspeedai/DeepSpeed#8393", "SimpleNamespace.loss_scale_config", lambda _: None,
+     lambda: fixes.scale_the_fp16_loss(DeepSpeedEngineOfAnotherVersion())),
+    ("clip_by_the_global_norm", "deepspeedai/DeepSpeed#8475",
+     "DeepSpeedEngineOfAnotherVersion.clip_fp32_gradients", lambda _: None,
+     lambda: fixes.clip_by_the_global_norm(DeepSpeedEngineOfAnotherVersion())),
+], ids=["fp16-wrapper", "shared-memory", "loss-scaling", "clipping"])
+def test_a_fix_whose_deepspeed_target_changed_stops_in_one_line(monkeypatch, capsys, fix, upstream, missing,
+                                                                   another_deepspeed, call):
+    """A DeepSpeed that renamed or removed what a fix patches: the run stops on every rank with one line naming the
+    fix and its upstream issue, instead of training on unfixed."""
+    another_deepspeed(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        call()
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: fix {fix} ({upstream}) finds no {missing} in DeepSpeed {deepspeed.__version__} (torch "
+        f"{torch.__version__}): this project's fixes patch DeepSpeed 0.19.8 (requirements.txt); install it, or "
+        f"check the fix against yours (docs/fixes.md)"]
+
+
+def test_every_fix_the_docs_name_exists_and_every_fix_is_in_the_docs():
+    page = (ROOT / "docs" / "fixes.md").read_text()
+    called = set(re.findall(r"\bfixes\.(\w+)\(", page))
+    tabled = set(re.findall(r"^\| `(\w+)` \|", page, re.M))
+    assert called and tabled
+    missing = sorted(name for name in called | tabled if not callable(getattr(fixes, name, None)))
+    assert not missing, f"docs/fixes.md names what cifar10ds/fixes.py does not have: {missing}"
+    with_issue = {name for name, value in vars(fixes).items()
+                  if callable(value) and getattr(value, "__module__", None) == fixes.__name__ and value.__doc__
+                  and "Upstream:" in value.__doc__}
+    assert with_issue <= tabled, f"fixes missing from docs/fixes.md's table: {sorted(with_issue - tabled)}"

@@ -11,8 +11,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
 
 import psutil
 import pytest
@@ -35,6 +37,18 @@ def test_each_rank_takes_its_share_of_the_cores(monkeypatch, cores, local_size, 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_size))
     assert launch_module.cores_per_rank() == threads
+
+
+@pytest.mark.parametrize("cores, local_size, threads", [("0", 1, 1), ("0,1", 2, 1), ("0,1", 1, 2)])
+def test_a_rank_bound_to_real_cores_takes_its_share_of_them(root, cores, local_size, threads):
+    """The same on this machine's own cores, bound with taskset (16 cannot be had here: the patched test above)."""
+    if not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and 2 cores")
+    share = subprocess.run(["taskset", "-c", cores, sys.executable, "-c",
+                            "from cifar10ds.launch import cores_per_rank; print(cores_per_rank())"], cwd=root,
+                           env={**os.environ, "LOCAL_WORLD_SIZE": str(local_size)}, capture_output=True, text=True,
+                           check=True)
+    assert int(share.stdout) == threads
 
 
 # What the run scripts hand DeepSpeed's launcher
@@ -168,6 +182,7 @@ def test_plain_python_runs_one_rank_with_the_default_fp16(launch, script):
     run.assert_launched()
     assert re.search(r"^accelerator: \w+( \(.*\))?, 1 rank, detected; torch ", run.output, re.M)
     assert "Accuracy of the network on the 203 test images:" in run.output
+    assert "cpu_offload is deprecated" not in run.output  # the reference's "cpu_offload": false stays out
 
 
 @pytest.mark.slow

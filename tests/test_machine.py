@@ -2,9 +2,11 @@
 own error), the cores, torch.compile where the machine can and cannot compile, and a rank whose peer is lost
 (killed, or stuck past --dist-timeout) stopping with one line."""
 
+import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,8 +18,8 @@ import torchvision
 
 import cifar10ds.launch
 import cifar10ds.machine
-from conftest import (DRIVER_TOO_OLD, FAKE_MACHINE, Accelerator, Run, finish, kill_session, live_processes, metric,
-                      run_command)
+from conftest import (DRIVER_TOO_OLD, FAKE_MACHINE, Accelerator, Run, children, finish, kill_session, live_processes,
+                      metric, run_command, start)
 from test_launch import Nodes, completed, script
 TINY = ["--dataset", "synthetic", "--dtype", "fp32", "-e", "1", "--synthetic-train-size", "64",
         "--synthetic-test-size", "16", "--log-interval", "4"]
@@ -271,12 +273,22 @@ def test_a_rank_whose_peer_never_comes_ends_with_one_line_within_the_dist_timeou
 
 
 @pytest.mark.slow
-def test_a_torchrun_rank_that_dies_at_the_start_ends_the_run_at_once(launch, script, machine):
-    """torchrun, rank 1 gone as the script starts: torchrun ends rank 0 at once, with its own report; rank 0 does
-    not spin waiting for rank 1 (DeepSpeed's shared-memory set-up would, with no timeout)."""
+def test_a_torchrun_rank_that_dies_at_the_start_ends_the_run_at_once(script, tmp_path):
+    """torchrun, rank 1 killed (kill -9) as soon as torchrun has started it: torchrun ends rank 0 at once, with its
+    own report; rank 0 does not spin waiting for rank 1 (DeepSpeed's shared-memory set-up would, with no timeout)."""
     started = time.monotonic()
-    run = launch("torchrun", "--standalone", "--nproc_per_node", "2", script, "--deepspeed", *TINY,
-                 env=machine(rank_dies=1), timeout=120)
+    launcher = start(["torchrun", "--standalone", "--nproc_per_node", "2", script, "--deepspeed", *TINY], tmp_path,
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rank_1 = None
+    while rank_1 is None and launcher.poll() is None and time.monotonic() - started < 60:
+        for pid in children(launcher.pid):
+            with contextlib.suppress(OSError):
+                if b"\0LOCAL_RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                    rank_1 = pid
+        time.sleep(0.01)
+    assert rank_1, "torchrun started no rank 1"
+    os.kill(rank_1, signal.SIGKILL)
+    run = Run(completed(launcher, finish(launcher, timeout=120)[0]))
     assert time.monotonic() - started < 60
     assert run.returncode != 0 and "Finished Training" not in run.output
-    assert "exitcode  : 1" in run.output and 'File "' + str(script) not in run.output  # rank 1's end, no traceback
+    assert "exitcode  : -9" in run.output and 'File "' + str(script) not in run.output  # rank 1's end, no traceback

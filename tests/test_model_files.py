@@ -195,7 +195,7 @@ def test_init_from_gives_each_expert_parallel_rank_its_experts_by_global_id(sing
     everything else as the file has it."""
     flags = ["--moe", "--num-experts", "4", "--noisy-gate-policy", "RSample"]
     torch.manual_seed(0)
-    source = Net(cifar10_deepspeed.parse_args(flags))
+    source = Net(cifar10_deepspeed.add_argument(flags))
     with torch.no_grad():  # experts start as copies of one template: make each its own
         for i, expert in enumerate(source.moe_layer_list[0].deepspeed_moe.experts.deepspeed_experts):
             expert.weight.add_(i)
@@ -297,7 +297,7 @@ def test_init_from_a_one_process_model_trains_on_four_ranks_with_ep_4(launch, sc
     tokens the file's gate sends to at least three of the experts, held on other ranks."""
     flags = ["--moe", "--num-experts", "4", "--no-drop-tokens"]
     torch.manual_seed(0)
-    source = Net(cifar10_deepspeed.parse_args(flags))
+    source = Net(cifar10_deepspeed.add_argument(flags))
     for layer in source.moe_layer_list:
         layer.set_deepspeed_parallelism()
     trainset = data.SyntheticCIFAR10(256, train=True)

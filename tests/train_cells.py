@@ -153,7 +153,7 @@ def expert_of(name, net):
 def train_cell(cell, steps, checks, evaluate, data_path, seed):
     """Train one cell; return this rank's record: losses always, `checks` and test accuracy when asked."""
     dtype = parse_cell(cell)[0]
-    args = cifar10_deepspeed.parse_args([*cell_flags(cell, steps, seed), "--data-path", data_path])
+    args = cifar10_deepspeed.add_argument([*cell_flags(cell, steps, seed), "--data-path", data_path])
     model_engine, trainloader, testset = engine_of(args)
     net = model_engine.module
     record = {"losses": [], "loss_scales": [], "applied": []}
@@ -200,7 +200,7 @@ def start():
     (ranks on one machine would oversubscribe them), DeepSpeed's fixes in place."""
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
-    fixes.prepare(deepspeed.constants.default_pg_timeout)
+    fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)
     deepspeed.init_distributed()
 
 
@@ -211,7 +211,7 @@ def engine_of(args, **settings):
     reason = options.check_args(args, config, world_size=dist.get_world_size())
     if reason:
         raise ValueError(reason)
-    machine.choose_adam(config)
+    machine.use_torch_fused_adamw(config)
     fixes.allow_fp16(config)
     trainset, testset = cifar10_deepspeed.load_data(args)
     return (*cifar10_deepspeed.build_engine(args, config, trainset), testset)

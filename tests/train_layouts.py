@@ -119,7 +119,7 @@ def train_layout(layout, clipping, steps, checkpoint=None):
     final parameters. With `checkpoint`, a directory, save there as the script saves an epoch, and this rank's
     fp32 masters beside it (masters-rank<R>.pt), for export_model.py to be checked against."""
     dtype, stage, model, world, ep, offload = parse_cell(layout)
-    args = cifar10_deepspeed.parse_args(layout_flags(layout, steps))
+    args = cifar10_deepspeed.add_argument(layout_flags(layout, steps))
     model_engine, trainloader, _ = engine_of(args, gradient_clipping=CLIPPING[clipping])
     images, labels = samples(trainloader.dataset)
     noise = GateNoise(len(labels), EXPERTS.get(model, []))

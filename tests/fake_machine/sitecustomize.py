@@ -1,4 +1,5 @@
-"""Make a launched run see the machine a test asks for, whatever machine runs the test.
+"""Make a launched run see a machine this one cannot be: a CPU with or without native fp16 kernels, a GPU that
+torch cannot use, CIFAR-10's download served from 127.0.0.1 (no network here). TESTING.md lists each stand-in.
 
 Loaded by Python at start-up when this folder is on PYTHONPATH (tests/conftest.py's
 `machine` fixture), in the launcher and in every rank. Each setting patches a
@@ -7,15 +8,9 @@ module right after Python executes it:
     FAKE_NATIVE_FP16=1 or 0   DeepSpeed's CPU accelerator reports native fp16 kernels, or none
     FAKE_CIFAR10=<json>       torchvision's CIFAR10 downloads from the test's server: the json
                               holds url, tgz_md5 and each batch file's md5 (tests/cifar_files.py)
-    FAKE_NO_CXX=1             torch.compile's inductor finds no C++ compiler (DeepSpeed's op builds
-                              are given none by CXX=false)
     FAKE_CUDA_ERROR=<text>    torch cannot use CUDA, and says <text> when asked why (torch.cuda.init)
-    FAKE_FULL_DISK=<text>     the disk fills while torch.save writes a file whose path holds <text>: part of
-                              the file is written, then ENOSPC, as on a full disk
-    FAKE_RANK_DIES=<rank>     that rank exits with status 1 as the script starts, as a rank killed early
 """
 
-import errno
 import importlib.abc
 import importlib.util
 import json
@@ -37,10 +32,6 @@ def download_from_the_test_server(module):
     module.CIFAR10.meta = {**module.CIFAR10.meta, "md5": archive["md5"]["batches.meta"]}
 
 
-def no_cxx_for_inductor(module):
-    module.cpp.cxx = (None, "no-such-c++")
-
-
 def cuda_unusable(module):
     def init():
         raise RuntimeError(os.environ["FAKE_CUDA_ERROR"])
@@ -49,31 +40,10 @@ def cuda_unusable(module):
     module.init = init
 
 
-def disk_fills_while_saving(module):
-    save, where = module.save, os.environ["FAKE_FULL_DISK"]
-
-    def save_until_full(obj, f, *args, **kwargs):
-        if where in str(f):
-            with open(f, "wb") as partial:
-                partial.write(b"PK\x03\x04" + bytes(4096))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return save(obj, f, *args, **kwargs)
-
-    module.save = save_until_full
-
-
-def rank_dies(module):
-    if os.environ.get("RANK") == os.environ["FAKE_RANK_DIES"]:
-        os._exit(1)
-
-
 PATCHES = {  # module: (setting, patch)
     "deepspeed.accelerator.cpu_accelerator": ("FAKE_NATIVE_FP16", report_native_fp16),
     "torchvision.datasets.cifar": ("FAKE_CIFAR10", download_from_the_test_server),
-    "torch._inductor.config": ("FAKE_NO_CXX", no_cxx_for_inductor),
     "torch.cuda": ("FAKE_CUDA_ERROR", cuda_unusable),
-    "torch": ("FAKE_FULL_DISK", disk_fills_while_saving),
-    "cifar10ds.launch": ("FAKE_RANK_DIES", rank_dies),
 }
 
 

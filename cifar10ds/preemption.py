@@ -1,0 +1,70 @@
+"""Preemption: a scheduler's signal or a person's Ctrl-C saves where the run is and leaves, every rank together
+(docs/checkpoints.md)."""
+
+import os
+import signal
+import time
+
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from cifar10ds import machine
+
+CHECK_EVERY = 10  # optimizer steps between the ranks' agreement on a signal: one small all-reduce
+PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
+
+
+class Preemption:
+    """A scheduler's SIGTERM or SIGUSR1 (SLURM, Kubernetes, DeepSpeed's launcher passing one on), or a person's
+    Ctrl-C (SIGINT): the handler notes it and does nothing else, so a further signal, during the save too, changes
+    nothing, but for a second Ctrl-C, which stops at once (KeyboardInterrupt; 'latest' never names a checkpoint
+    being written). Made as the run starts, so that a signal during start-up is kept too. The ranks agree on it at
+    a step boundary, every CHECK_EVERY steps and at each epoch's end, then save where they are and leave together
+    with exit status PREEMPTED (run again with --resume), 128 + 2 after a Ctrl-C (a person's stop, which a batch
+    script must not requeue), or 128 + the signal's number where there is no --save-dir and nothing was saved."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # by precedence where ranks saw different ones
+    PASSED_ON = 1.0  # seconds within which a second SIGINT is the first Ctrl-C passed on by a launcher (torchrun's)
+
+    def __init__(self):
+        self.signum = 0
+        self.interrupted = None  # when the first SIGINT came
+        self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+
+    def note(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.interrupted is not None and time.monotonic() - self.interrupted > self.PASSED_ON:
+                raise KeyboardInterrupt
+            self.interrupted = self.interrupted or time.monotonic()
+        if not self.signum or self.SIGNALS.index(signum) < self.SIGNALS.index(self.signum):
+            self.signum = signum
+
+    def agreed(self):
+        """The signal that reached any rank (0 if none), a Ctrl-C before the others; every rank must ask at the same
+        step."""
+        if dist.get_world_size() == 1:
+            return self.signum
+        precedence = len(self.SIGNALS) - self.SIGNALS.index(self.signum) if self.signum else 0
+        flag = torch.tensor([precedence], dtype=torch.int32, device=get_accelerator().current_device_name())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        precedence = int(flag.item())
+        return self.SIGNALS[len(self.SIGNALS) - precedence] if precedence else 0
+
+    def agreed_at(self, steps, steps_per_epoch):
+        """agreed(), at every CHECK_EVERY-th of the epoch's `steps` but its last (its end asks anyway); else 0."""
+        return self.agreed() if steps % CHECK_EVERY == 0 and steps < steps_per_epoch else 0
+
+    @staticmethod
+    def stop(signum, save_dir, tag):
+        """Say what was saved (`tag`, or None: nothing) and end every rank together."""
+        by = "Interrupted by Ctrl-C (SIGINT)" if signum == signal.SIGINT else f"Preempted by {signal.Signals(signum).name}"
+        status = PREEMPTED if tag and signum != signal.SIGINT else 128 + signum
+        if tag:
+            machine.stop(f"{by}: saved checkpoint {os.path.join(save_dir, tag)}; run again with --resume to continue "
+                         f"from there (exit {status})", status=status)
+        machine.stop(f"{by}: nothing saved, as there is no --save-dir (exit {status})", status=status)
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
