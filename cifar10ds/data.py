@@ -2,6 +2,7 @@
 path) or through torchvision's per-image transforms (the PIL path), and the sampler a resumed epoch starts
 mid-way (docs/data.md)."""
 
+import functools
 import itertools
 
 import deepspeed.comm as dist
@@ -115,14 +116,23 @@ def to_inputs(images, device, dtype=None):
     """A batch as the model takes it, on `device` in `dtype` (None: float32).
 
     The tensor path's batch moves as uint8 and becomes what ToTensor and Normalize make of each image, bit for
-    bit: the same float32 operations, on the whole batch. 255 is a device tensor because CUDA multiplies by the
-    reciprocal of a host scalar, which rounds differently from ToTensor's division.
+    bit: the same float32 operations, on the whole batch, with no read of the device. 255 is a device tensor
+    because CUDA multiplies by the reciprocal of a host scalar, which rounds differently from ToTensor's division.
     """
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
-        images = images.permute(0, 3, 1, 2).contiguous().float() / torch.tensor(255.0, device=images.device)
-        images = transforms.functional.normalize(images, MEAN, STD)
+        full, mean, std = normalization(images.device)
+        images = images.permute(0, 3, 1, 2).contiguous().float() / full
+        images = images.sub_(mean).div_(std)  # Normalize's arithmetic, without its host check of std on every batch
     return images if dtype is None else images.to(dtype)
+
+
+@functools.cache
+def normalization(device):
+    """255, MEAN and STD as tensors on `device`, made once: a tensor made from a host number each step is a copy
+    the device waits for, and torchvision's normalize reads (std == 0).any() back to the host on every batch."""
+    return (torch.tensor(255.0, device=device), torch.tensor(MEAN, device=device).view(-1, 1, 1),
+            torch.tensor(STD, device=device).view(-1, 1, 1))
 
 
 def test_loader(testset, batch_size, shard):

@@ -15,7 +15,7 @@ import torch.distributed.distributed_c10d
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-from deepspeed.runtime.utils import clip_tensors_by_global_norm, get_global_norm_of_tensors
+from deepspeed.runtime.utils import get_global_norm_of_tensors
 from deepspeed.utils import groups
 
 from cifar10ds import machine, model_files, options
@@ -159,8 +159,12 @@ def clip_by_the_global_norm(model_engine):
                    for name, tensors in grads.items()]
         norm = torch.stack(squares).sum().sqrt()
         model_engine._global_grad_norm = norm
-        clip_tensors_by_global_norm([g for tensors in grads.values() for g in tensors],
-                                    model_engine.gradient_clipping(), norm)
+        # DeepSpeed's clip_tensors_by_global_norm, without its branch on the coefficient, a read of the device:
+        # times a coefficient clamped at 1, as torch's clip_grad_norm_ does (x * 1.0 is x).
+        coefficient = (model_engine.gradient_clipping() / (norm + 1e-6)).clamp(max=1.0)
+        for tensors in grads.values():
+            for gradient in tensors:
+                gradient.mul_(coefficient)
 
     model_engine.clip_fp32_gradients = clip_fp32_gradients
 

@@ -65,8 +65,8 @@ class Router:
     evaluation, the assignments sent and kept.
 
     DeepSpeed's gate computes these and logs none of them. A forward hook on each gate adds them up on the device,
-    and the capacity, tokens and passes on the host (DeepSpeed's layer reads the capacity there anyway), so a step
-    waits for nothing; summarize() reads them once per interval.
+    the capacity, tokens and passes too, so a step reads nothing back to the host; summarize() reads them once per
+    interval.
     """
 
     def __init__(self, moe_layers):
@@ -76,7 +76,7 @@ class Router:
         self.sent = [torch.zeros(n) for n in self.experts]  # assignments sent to each expert
         self.routed = [torch.zeros(n + 1) for n in self.experts]  # assignments dropped, then kept by each expert
         self.sums = [torch.zeros(2) for _ in self.gates]  # entropy summed over tokens, aux loss summed over passes
-        self.counts = [[0.0] * 3 for _ in self.gates]  # capacity per expert summed over passes, tokens, passes
+        self.counts = [torch.zeros(3) for _ in self.gates]  # capacity per expert summed over passes, tokens, passes
         self.tested = torch.zeros(len(self.gates), 2)  # assignments sent and kept at evaluation
         self.ones = {}  # a vector of ones per route count, to count routes with
         for layer, gate in enumerate(self.gates):
@@ -97,20 +97,21 @@ class Router:
         self.routed[layer].index_add_(0, routes.flatten() + 1, self.ones[routes.numel()])
         probabilities = F.linear(inputs[0].float(), gate.wg.weight.float()).softmax(dim=1)
         self.sums[layer] += torch.stack([torch.special.entr(probabilities).sum(), aux_loss.detach().float()])
-        counts = self.counts[layer]
-        counts[0], counts[1], counts[2] = counts[0] + float(capacity), counts[1] + len(probabilities), counts[2] + 1
+        counts = self.counts[layer]  # whole numbers, exact in float32; a device tensor or a number added, never read
+        counts[0].add_(capacity)
+        counts[1].add_(len(probabilities))
+        counts[2].add_(1)
 
     def to(self, device):
-        self.sent, self.routed, self.sums = ([t.to(device) for t in totals] for totals in (self.sent, self.routed,
-                                                                                           self.sums))
+        self.sent, self.routed, self.sums, self.counts = ([t.to(device) for t in totals] for totals in (
+            self.sent, self.routed, self.sums, self.counts))
         self.tested, self.ones = self.tested.to(device), {}
 
     def summarize(self):
         """Each layer's figures over the interval and all ranks: a dict of the share of tokens sent to each expert,
         each expert's fill of its capacity, the share of assignments dropped, the router's mean entropy (nats;
         log(experts) for an even split) and the mean aux loss. Every rank must call it."""
-        totals = torch.cat([*self.sent, *self.routed, *self.sums, torch.tensor(self.counts, device=self.tested.device)
-                            .flatten()])
+        totals = torch.cat([*self.sent, *self.routed, *self.sums, *self.counts])
         dist.all_reduce(totals)
         totals = totals.cpu().double()  # counts are whole numbers: their ratios as exact as the host can
         n, layers = sum(self.experts), len(self.gates)
@@ -131,19 +132,16 @@ class Router:
         return [((sent - kept) / sent.clamp(min=1)).item() for sent, kept in tested.cpu().double()]
 
     def reset(self):
-        for total in self.sent + self.routed + self.sums:
+        for total in self.sent + self.routed + self.sums + self.counts:
             total.zero_()
-        self.counts = [[0.0] * 3 for _ in self.gates]
 
     def state(self):
-        return {name: [t.tolist() for t in getattr(self, name)] for name in ("sent", "routed", "sums")} | {
-            "counts": self.counts}
+        return {name: [t.tolist() for t in getattr(self, name)] for name in ("sent", "routed", "sums", "counts")}
 
     def load_state(self, state):
-        for name in ("sent", "routed", "sums"):
+        for name in ("sent", "routed", "sums", "counts"):
             for total, saved in zip(getattr(self, name), state[name]):
                 total.copy_(torch.tensor(saved))
-        self.counts = [list(counts) for counts in state["counts"]]
 
 
 def percentages(values):
