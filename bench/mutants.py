@@ -183,7 +183,7 @@ MUTANTS = [
      "if not (isinstance(e, torch.distributed.DistError) or \"gloo\" in str(e)):", "if True:",
      [MACHINE, "-k", "never_comes"]),
     ("a preempted rank exits 0", PACKAGE + "preemption.py", "status = PREEMPTED if tag", "status = 0 if tag",
-     [CHECKPOINTS, "-k", "one_rank", T + "test_slurm.py"]),
+     [CHECKPOINTS, "-k", "one_rank or slurms_time_limit"]),
     ("--keep-last deletes best", CHECKPOINT, 'for name in ("latest", "best"):', 'for name in ("latest",):',
      [CHECKPOINTS, "-k", "keep_last"]),
     ("resume accepts a checkpoint of another run", CHECKPOINT, "if saved.get(key) != value]", "if False]",
