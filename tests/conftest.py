@@ -39,6 +39,20 @@ IDLE_EXPERTS = pytest.StashKey[list]()  # test_matrix.py's experts that got no t
 REACHED = []  # (test, accuracy, least accuracy asked) of every launch that Run.assert_trained checked
 
 
+# The test files whose launches take longest, longest first (a fresh clone's run on 2 cores: test_checkpoints.py
+# about 11 minutes, test_matrix.py 9, test_launch.py 5, ...); the rest follow in their own order.
+LONGEST_FIRST = ["test_checkpoints.py", "test_matrix.py", "test_launch.py", "test_layouts.py", "test_machine.py",
+                 "test_checkpoint_moves.py", "test_metrics.py", "test_model_files.py", "test_data.py", "test_options.py"]
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the longest test files first: the two workers take them in this order (pytest.ini)."""
+    def rank(item):
+        name = Path(str(item.fspath)).name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """A test worker's idle experts and accuracies reach the controller, which prints them at the end."""

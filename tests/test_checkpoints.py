@@ -516,16 +516,18 @@ def test_latest_on_a_full_disk_stays_as_it_was(small_disk):
 # One run per save dir
 @pytest.mark.slow
 def test_a_second_run_on_a_live_runs_save_dir_stops_in_one_line_and_the_first_finishes(script, tmp_path):
-    """A one-rank run trains 2 epochs into ckpt; a 2-rank run given the same --save-dir (a job submitted twice)
-    stops on every rank before any work, naming the first, which finishes untouched."""
+    """A one-rank run trains into ckpt; a 2-rank run given the same --save-dir (a job submitted twice) stops on
+    every rank before any work, naming the first, which finishes untouched. The first prints a line every step
+    and nobody reads them while the second runs: once its output pipe is full it waits, so it is still live."""
     ckpt = tmp_path / "ckpt"
-    flags = [script, "--deepspeed", *SMALL, "-e", "2", "--synthetic-train-size", "16000", "--save-dir", ckpt]
+    flags = [script, "--deepspeed", *SMALL, "-e", "2", "--synthetic-train-size", "8000", "--log-interval", "1",
+             "--save-dir", ckpt]
     second, first_pid = [], []
 
     def start_another(launcher, _):
         first_pid.append(launcher.pid)
         second.append(run_command(["deepspeed", "--num_gpus", "2", *flags, "--resume", "auto"], tmp_path))
-    first, _ = signal_when(["python", *flags], tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
+    first, _ = signal_when(["python", *flags], tmp_path, lambda line: line.startswith("[ 1,     1] loss:"),
                            start_another)
     assert first.returncode == 0 and "Finished Training" in first.output, first.output[-3000:]
     assert (ckpt / "latest").read_text() == "epoch2" and "Resuming" not in first.output
