@@ -1,26 +1,37 @@
 """What the ranks' agreement on a preemption signal costs a training step.
 
-    deepspeed --num_gpus 2 bench/preemption.py
+    deepspeed --num_gpus 2 bench/preemption.py [--rounds 5] [--steps 200]
 
-Times, side by side in one run, one fp32 step of the script's dense Net (its
-train_step, batch 16 over the ranks) and one agreement check (Preemption.agreed:
-an all-reduce of one number and its read on the host), which train() makes every
-preemption.CHECK_EVERY steps. Prints a Markdown table on rank 0.
+Times, side by side in one run, blocks of fp32 steps of the script's dense Net
+(its train_step, batch 16 over the ranks) with the agreement check that train()
+makes after every step (Preemption.agreed_at: every preemption.CHECK_EVERY steps
+it reads the last check's all-reduce and posts the next one, in host memory) and
+without it, the blocks alternating, and the time spent in the check itself, per
+step (on 2 CPU cores the blocks differ by more than the check costs). Prints a
+Markdown table on rank 0.
 """
 
+import argparse
 import os
+import statistics
 import sys
+import time
 
 import deepspeed
 import deepspeed.comm as dist
+import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed as script  # noqa: E402
 from cifar10ds import fixes, launch, machine, preemption  # noqa: E402
-from allreduce import milliseconds  # noqa: E402  (beside this file)
+
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    bench, _ = parser.parse_known_args()  # the launcher adds --local_rank
     args = script.add_argument(["--deepspeed", "--dataset", "synthetic", "--dtype", "fp32"])
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
@@ -30,16 +41,32 @@ def main():
     config = script.get_ds_config(args)
     machine.use_torch_fused_adamw(config)
     engine, trainloader = script.build_engine(args, config, trainset)
-    inputs, labels = next(iter(trainloader))
+    batches = [batch for _, batch in zip(range(bench.steps), trainloader)]
     criterion = nn.CrossEntropyLoss()
-    step = milliseconds(lambda: script.train_step(engine, criterion, inputs, labels))
     signals = preemption.Preemption()
-    check = milliseconds(signals.agreed)
-    every = preemption.CHECK_EVERY
+    seconds, in_checks = {"with the check": [], "without": []}, []
+    for _ in range(bench.rounds):
+        for name, times in seconds.items():
+            dist.barrier()
+            start = time.perf_counter()
+            losses = []
+            for step, (inputs, labels) in enumerate(batches, start=1):
+                losses.append(script.train_step(engine, criterion, inputs, labels))
+                if name == "with the check":
+                    check = time.perf_counter()
+                    signals.agreed_at(step, bench.steps + 1)
+                    in_checks.append(time.perf_counter() - check)
+            torch.stack(losses).sum().item()  # the device's queue done
+            times.append((time.perf_counter() - start) / bench.steps)
+    signals.agreed()
+    checked, plain = (statistics.median(times) for times in seconds.values())
     if dist.get_rank() == 0:
-        print(f"| {dist.get_world_size()} ranks, fp32, dense | ms |\n| --- | --- |\n| training step | {step:.3f} |\n"
-              f"| agreement check | {check:.3f} |\n| check per step, every {every} steps | {check / every:.4f} "
-              f"({100 * check / every / step:.2f} % of a step) |")
+        print(f"| {dist.get_world_size()} ranks, fp32, dense, median of {bench.rounds} blocks of {bench.steps} steps "
+              f"| ms a step | ratio |\n| --- | --- | --- |\n"
+              f"| with the agreement check (every {preemption.CHECK_EVERY} steps) | {1000 * checked:.3f} "
+              f"| {checked / plain:.3f} |\n| without | {1000 * plain:.3f} | 1.000 |\n"
+              f"| in the check, a step's share | {1000 * sum(in_checks) / len(in_checks):.4f} "
+              f"| {sum(in_checks) / len(in_checks) / plain:.4f} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python bench/throughput.py --only "1 (rank|process)" --no-compile   # the rows one GPU runs, without compile
     python bench/throughput.py --only MoE --no-compile --baseline HEAD~1  # each row against another commit's
     python bench/throughput.py --router    # in one process: a MoE step with the router's hooks and without
+    python bench/throughput.py --costs     # in one process: a step's cost, one piece of the script at a time
+    python bench/throughput.py --whole-run # seconds an epoch of whole launches, the plain loop's beside them
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -27,6 +29,7 @@ runs. Prints a Markdown table.
 
 import argparse
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -168,6 +171,147 @@ def router_cost(rounds, steps=200):
     print(f"| without the hooks | {1000 * without:.3f} | 1.000 |")
 
 
+WHOLE_RUNS = [  # (what, command): launched as a user launches them, on 20,000 synthetic images, fp32
+    ("plain PyTorch, dense, 1 process", [sys.executable, os.path.join(ROOT, "bench", "plain_loop.py"),
+                                         "--log-interval", "100000", "--synthetic-train-size", "20000"]),
+    ("the script, dense, 1 rank (python)", [*SCRIPT, "--log-interval", "100000", "--synthetic-train-size", "20000",
+                                            "--synthetic-test-size", "100"]),
+    ("the script, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA, "--log-interval",
+                                                      "100000", "--synthetic-train-size", "20000",
+                                                      "--synthetic-test-size", "100"]),
+]
+
+
+def whole_run_epochs(rounds, few=1, many=3):
+    """Seconds per epoch of each WHOLE_RUNS launch, as the difference of a run of `many` epochs and one of `few`
+    (start-up, data and evaluation cancel), rounds interleaved, medians: a Markdown table."""
+    seconds = {what: {few: [], many: []} for what, _ in WHOLE_RUNS}
+    for _ in range(rounds):
+        for what, cmd in WHOLE_RUNS:
+            for epochs in (few, many):
+                start = time.perf_counter()
+                run = subprocess.run([*cmd, "-e", str(epochs)], capture_output=True, text=True)
+                if run.returncode:
+                    sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{(run.stdout + run.stderr)[-3000:]}")
+                seconds[what][epochs].append(time.perf_counter() - start)
+    epoch = {what: (statistics.median(runs[many]) - statistics.median(runs[few])) / (many - few)
+             for what, runs in seconds.items()}
+    plain = epoch[WHOLE_RUNS[0][0]]
+    print(f"| whole run ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, 20,000 images, median of {rounds}) "
+          f"| s an epoch | vs plain PyTorch |")
+    print("| --- | --- | --- |")
+    for what, value in epoch.items():
+        print(f"| {what} | {value:.2f} | {value / plain:.2f} |")
+
+
+def step_costs(rounds, steps=100):
+    """Milliseconds per training step on one rank, fp32, a piece of the script's step added per row, each row
+    costed against the row before, in alternating blocks of `steps` steps over the same uint8 batches; dense and
+    MoE (2 experts, top-1): a Markdown table."""
+    sys.path.insert(0, ROOT)
+    import io
+    import deepspeed
+    import torch
+    import cifar10_deepspeed as script
+    from cifar10ds import data, launch, machine, metrics, options, preemption
+
+    class Terminal(io.StringIO):  # where tqdm draws the bar, as on a person's terminal
+        def isatty(self):
+            return True
+
+    launch.use_single_process_defaults()
+    machine.use_share_of_cores()
+    deepspeed.init_distributed()
+    criterion, metrics_dir = torch.nn.CrossEntropyLoss(), tempfile.mkdtemp(prefix="costs-")
+    atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    print(f"| a step ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, 1 rank, median of {rounds} blocks of "
+          f"{steps} steps) | dense ms | vs the row before | MoE ms | vs the row before |")
+    print("| --- | --- | --- | --- | --- |")
+    columns = []
+    for flags in ([], MOE):
+        args = script.add_argument(["--deepspeed", *DATA, *flags, "--synthetic-train-size", str(16 * steps),
+                                    "--metrics-dir", metrics_dir, "--seed", "0"])
+        config = script.get_ds_config(args)
+        machine.use_torch_fused_adamw(config)
+        options.read_offload(config)
+        metrics.add_monitors(config, args)
+        trainset, _ = script.load_data(args)
+        bare_net = script.Net(args)
+        for gate in bare_net.router.gates if args.moe else []:
+            gate._forward_hooks.clear()
+        bare = deepspeed.initialize(args=args, model=bare_net, model_parameters=bare_net.parameters(), config=config)[0]
+        engine, trainloader = script.build_engine(args, config, trainset)  # the fixes, the router, the sampler
+        batches = list(trainloader)
+        net = script.Net(args).to(engine.device)
+        adam = config["optimizer"]["params"]
+        optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
+                                      weight_decay=adam["weight_decay"], fused=True)
+        hooks = [dict(gate._forward_hooks) for gate in engine.module.router.gates] if args.moe else []
+        signals, csv = preemption.Preemption(), engine.monitor.csv_monitor
+
+        def plain(inputs, labels):
+            optimizer.zero_grad()
+            loss = criterion(net(data.to_inputs(inputs, engine.device)), labels.to(engine.device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
+            optimizer.step()
+            return loss.detach()
+
+        def block(rows):
+            """Time the step of the script with the pieces of `rows` (the names of ROWS[:rows])."""
+            on = {name for name, _ in ROWS[:rows]}
+            model = engine if "the fixes" in on else bare
+            for gate, hook in zip(engine.module.router.gates if args.moe else [], hooks):
+                gate._forward_hooks.clear()
+                gate._forward_hooks.update(hook if "the router's hooks" in on else {})
+            engine.monitor.csv_monitor = csv if "the monitors" in on else None
+            args.progress = "the progress bar" in on
+            log = metrics.Log(engine, args, steps)
+            stdout, sys.stdout = sys.stdout, Terminal()
+            start = time.perf_counter()
+            with log.epoch(0) if "loss and throughput bookkeeping" in on else contextlib.nullcontext():
+                source = trainloader if "the sampler and loader" in on else batches
+                for i, (inputs, labels) in enumerate(source):
+                    loss = plain(inputs, labels) if rows == 0 else script.train_step(model, criterion, inputs, labels)
+                    if "loss and throughput bookkeeping" in on:
+                        log.step(loss)
+                    if "the preemption agreement" in on:
+                        signals.agreed_at(i + 1, steps + 1)
+            loss.item()  # the device's queue done
+            seconds = time.perf_counter() - start
+            sys.stdout = stdout
+            return seconds / steps
+
+        # the plain loop: dense only (a MoE layer needs DeepSpeed's groups); the router: MoE only
+        times = {rows: [] for rows in range(len(ROWS) + 1) if (rows or not args.moe) and (rows != 3 or args.moe)}
+        for _ in range(rounds):
+            for rows in times:
+                times[rows].append(block(rows))
+        signals.close()
+        columns.append([statistics.median(times[rows]) if rows in times else None for rows in range(len(ROWS) + 1)])
+    names = ["plain PyTorch (fused AdamW, clip_grad_norm_)", "DeepSpeed's engine, bare"] + [
+        f"+ {name}" + (f" ({note})" if note else "") for name, note in ROWS[1:]]
+    for row, name in enumerate(names):
+        cells = []
+        for column in columns:
+            before = [value for value in column[:row] if value is not None]
+            cells.append("- | -" if column[row] is None else f"{1000 * column[row]:.3f} | -" if not before else
+                         f"{1000 * column[row]:.3f} | {column[row] / before[-1]:.3f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
+ROWS = [  # (piece, note): each row adds one to the rows before it; the first is DeepSpeed's engine itself
+    ("DeepSpeed's engine", ""),
+    ("the fixes", "fp32: the global-norm clipping, no all-reduce on one rank; fp16's two are off this path"),
+    ("the router's hooks", "MoE only"),
+    ("loss and throughput bookkeeping", "metrics.Log.step"),
+    ("the preemption agreement", "a post and a read every preemption.CHECK_EVERY steps"),
+    ("the progress bar", "a terminal's only"),
+    ("the monitors", "CSV; they write at log lines and epoch ends"),
+    ("the sampler and loader", "the script's, against a list of the same batches"),
+]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -180,9 +324,17 @@ def main():
     parser.add_argument("--baseline", metavar="REF", help="also run each chosen row from git commit REF, side by side")
     parser.add_argument("--router", action="store_true", help="instead: a MoE step with and without the router's "
                         "hooks, in one process")
+    parser.add_argument("--costs", action="store_true", help="instead: a step's cost, a piece of the script at a "
+                        "time, in one process")
+    parser.add_argument("--whole-run", action="store_true", help="instead: seconds an epoch of whole launches, by "
+                        "the difference of a 3-epoch and a 1-epoch run")
     args = parser.parse_args()
+    if args.whole_run:
+        return whole_run_epochs(args.rounds)
     if args.router:
         return router_cost(args.rounds)
+    if args.costs:
+        return step_costs(args.rounds)
     runs = [config for config in CONFIGS if re.search(args.only, config[0]) or config in CONFIGS[:2]]
     runs = [config for config in runs if not (args.no_compile and "--compile" in config[1])]
     if args.data_paths:

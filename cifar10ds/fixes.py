@@ -10,6 +10,7 @@ import contextlib
 import importlib
 
 import deepspeed
+import deepspeed.comm as dist
 import torch
 import torch.distributed.distributed_c10d
 from deepspeed.accelerator import get_accelerator
@@ -167,6 +168,21 @@ def clip_by_the_global_norm(model_engine):
                 gradient.mul_(coefficient)
 
     model_engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def skip_the_gradient_all_reduce_on_one_rank(model_engine):
+    """Leave out, on one rank without ZeRO, the gradient all-reduce that averages over that one rank.
+
+    Upstream: none filed. Without ZeRO DeepSpeed all-reduces the gradients after every backward pass whatever the
+    world size: on one rank it flattens them, reduces the copy with itself, divides by 1 and copies it back, a
+    tenth of a CPU step of this Net (bench/throughput.py --costs). Nothing computed changes (x / 1 is x). ZeRO's
+    optimizers also move gradients into their partitions there, so they keep it. Delete when DeepSpeed skips
+    the reduction of a group of one.
+    """
+    if dist.get_world_size() > 1 or model_engine.zero_optimization():
+        return
+    target(model_engine, "enable_backward_allreduce", "skip_the_gradient_all_reduce_on_one_rank", "none filed")
+    model_engine.enable_backward_allreduce = False
 
 
 @contextlib.contextmanager

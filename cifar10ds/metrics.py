@@ -19,7 +19,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar10ds.data import CLASSES
 
-BAR_EVERY = 20  # steps between the bar's readings of the loss and expert load (each one a host read)
 
 
 def batch_label(epoch, batch):
@@ -223,18 +222,6 @@ class Log:
         norm = None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.engine.device)
         self.steps.append((self.engine.global_samples, loss, norm))
         self.bar.update()
-        if not self.bar.disable and self.bar.n % BAR_EVERY == 0:
-            self.show_on_bar()
-
-    def show_on_bar(self):
-        """samples/s, the running loss and, with MoE, each layer's busiest expert's share of rank 0's tokens."""
-        rate = self.bar.format_dict["rate"] or 0
-        postfix = {"samples/s": f"{rate * self.engine.train_batch_size():.0f}",
-                   "loss": f"{torch.stack([loss for _, loss, _ in self.steps[-BAR_EVERY:]]).mean().item():.3f}"}
-        if self.router:
-            postfix["busiest expert"] = " ".join(f"{100 * (c.max() / c.sum().clamp(min=1)).item():.0f}%"
-                                                 for c in self.router.sent)
-        self.bar.set_postfix(postfix)
 
     def write_steps(self):
         """Write each step's loss and gradient norm to the monitors (Train/Samples/train_loss and grad_norm), empty
@@ -269,8 +256,10 @@ class Log:
                  f"peak {accelerator.device_name()} memory {accelerator.max_memory_allocated() / 2**20:.0f} MiB"]
         lines = [loss_line(epoch + 1, step + 1, sum(losses) / len(losses)),
                  f"{prefix} {', '.join(part for part in speed if part)}"]
+        shown = {"samples/s": f"{samples_per_sec:.0f}", "loss": f"{sum(losses) / len(losses):.3f}"}
         if self.router:
             layers = self.router.summarize()
+            shown["busiest expert"] = " ".join(f"{100 * max(figures['shares']):.0f}%" for figures in layers)
             for layer, (figures, experts) in enumerate(zip(layers, self.router.experts)):
                 lines.append(f"{prefix} expert load: {router_line(layer, figures, experts)}")
                 events += [(f"MoE/layer{layer}_expert{e}_{name}", x, samples) for name, values in
@@ -282,6 +271,7 @@ class Log:
         if dist.get_rank() == 0:
             with tqdm.external_write_mode(file=sys.stdout):
                 print("\n".join(lines), flush=True)
+        self.bar.set_postfix(shown)  # the last log line's figures: the bar reads nothing from the device
         engine.monitor.write_events(events)
         self.interval_start = time.perf_counter()
 

@@ -6,12 +6,12 @@ import signal
 import time
 
 import deepspeed.comm as dist
+import numpy
 import torch
-from deepspeed.accelerator import get_accelerator
 
 from cifar10ds import machine
 
-CHECK_EVERY = 10  # optimizer steps between the ranks' agreement on a signal: one small all-reduce
+CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a signal: one small all-reduce on the host
 PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
 
 
@@ -31,6 +31,8 @@ class Preemption:
         self.signum = 0
         self.interrupted = None  # when the first SIGINT came
         self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+        self.posted = None  # the last check's all-reduce, in flight, and the host memory it reduces
+        self.group = None  # a gloo group of every rank, for that all-reduce on the host
 
     def note(self, signum, frame):
         if signum == signal.SIGINT:
@@ -41,19 +43,44 @@ class Preemption:
             self.signum = signum
 
     def agreed(self):
-        """The signal that reached any rank (0 if none), a Ctrl-C before the others; every rank must ask at the same
-        step."""
-        if dist.get_world_size() == 1:
-            return self.signum
-        precedence = len(self.SIGNALS) - self.SIGNALS.index(self.signum) if self.signum else 0
-        flag = torch.tensor([precedence], dtype=torch.int32, device=get_accelerator().current_device_name())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        precedence = int(flag.item())
-        return self.SIGNALS[len(self.SIGNALS) - precedence] if precedence else 0
+        """The signal that reached any rank (0 if none), a Ctrl-C before the others, now: every rank must ask at
+        the same step, where it waits for the others (an epoch's end)."""
+        self.collected()  # a signal it carries is still noted: this one is newer
+        self.post()
+        return self.collected()
 
     def agreed_at(self, steps, steps_per_epoch):
-        """agreed(), at every CHECK_EVERY-th of the epoch's `steps` but its last (its end asks anyway); else 0."""
-        return self.agreed() if steps % CHECK_EVERY == 0 and steps < steps_per_epoch else 0
+        """At every CHECK_EVERY-th of the epoch's `steps` but its last (its end asks agreed()): the signal the
+        ranks agreed on at the check before, else 0. Each check posts this rank's signal to an all-reduce of host
+        memory that the next one reads, done by then: no rank waits for its device, nor for a peer less than a
+        check behind. A signal stops the run at the second check after it."""
+        if steps % CHECK_EVERY or steps >= steps_per_epoch:
+            return 0
+        agreed = self.collected()
+        self.post()
+        return agreed
+
+    def post(self):
+        """Start the all-reduce (MAX) of this rank's signal, by precedence, in host memory."""
+        flag = numpy.array([len(self.SIGNALS) - self.SIGNALS.index(self.signum) if self.signum else 0], numpy.int32)
+        work = None
+        if dist.get_world_size() > 1:
+            if self.group is None:  # gloo reduces host memory; NCCL and its kin only a device's
+                self.group = dist.get_world_group() if torch.distributed.get_backend() == "gloo" else \
+                    torch.distributed.new_group(backend="gloo")
+            work = dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.posted = work, flag
+
+    def collected(self):
+        """The signal of the last all-reduce posted, once done (0 if none is in flight)."""
+        if self.posted is None:
+            return 0
+        work, flag = self.posted
+        if work is not None:
+            work.wait()
+        self.posted = None
+        precedence = int(flag[0])  # host memory, read by numpy: no tensor, no device
+        return self.SIGNALS[len(self.SIGNALS) - precedence] if precedence else 0
 
     @staticmethod
     def stop(signum, save_dir, tag):

@@ -40,7 +40,7 @@ MOVES = [  # (from, to, the line that names the move)
 ]
 FP16_LAYOUTS = {"moe-w2-ep2-zero1": (2, [*MOE, "--ep-world-size", "2", "--stage", "1"]),
                 "moe-w1-zero2": (1, [*MOE, "--stage", "2"])}
-CUT = "epoch1-step10"  # mid-epoch; a cut at an epoch's end is the same move with no steps into the epoch
+CUT = "epoch1-step10"  # mid-epoch, where SIGTERM after step 1 stops a run (preemption.CHECK_EVERY)
 
 
 def command(tmp, layout, save_dir, *extra, log_interval=STEPS, dtype="fp32"):
@@ -75,7 +75,7 @@ def distance(a, b):
 
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory):
-    """Every layout's uninterrupted run; every move's source cut mid-epoch by SIGTERM (the ranks agree at step 10
+    """Every layout's uninterrupted run; every move's source cut mid-epoch by SIGTERM (the ranks stop at step 10
     of epoch 1); and each cut resumed in the move's target layout."""
     tmp = tmp_path_factory.mktemp("moves")
     write_configs(tmp)

@@ -225,8 +225,9 @@ def test_resume_in_another_dtype_is_refused_and_names_init_from_which_trains_on(
 # Preemption
 
 
-# 60 steps an epoch, a loss line every 25: the signal lands after [ 2,    25] and the ranks agree at step 30,
-# inside a log interval, so the resumed run must carry the interval's first 5 steps to print the same lines.
+# 60 steps an epoch, a loss line every 25: the signal lands after [ 2,    25], the check at step 30 posts it and
+# the ranks stop at step 35 (preemption.CHECK_EVERY), inside a log interval, so the resumed run must carry the
+# interval's first 10 steps to print the same lines.
 SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "960", "--synthetic-test-size", "200", "--seed", "1",
          "-e", "3", "--log-interval", "25", "--dtype", "fp32"]
 
@@ -268,8 +269,8 @@ def preempted(tmp_path_factory):
 def test_ctrl_c_saves_mid_epoch_in_one_line_with_no_traceback_and_nothing_left_running(preempted):
     run = preempted
     assert run.full.returncode == 0, run.full.output[-3000:]
-    assert run.latest == "epoch2-step30"  # the first agreement check after the signal
-    saved = run.tmp / "stopped" / "epoch2-step30"
+    assert run.latest == "epoch2-step35"  # the second agreement check after the signal
+    saved = run.tmp / "stopped" / "epoch2-step35"
     assert {"expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"} <= set(os.listdir(saved))
     assert run.gone < 30, f"the ranks took {run.gone:.1f} s to leave"  # signal_when waits until none is left
     lines = run.stopped.output.splitlines()
@@ -281,11 +282,11 @@ def test_ctrl_c_saves_mid_epoch_in_one_line_with_no_traceback_and_nothing_left_r
 
 @pytest.mark.slow
 def test_a_run_resumed_mid_epoch_prints_the_uninterrupted_runs_lines(preempted):
-    """From step 31 of epoch 2, with the interval's first 5 steps carried over: every loss, expert-load and
+    """From step 36 of epoch 2, with the interval's first 10 steps carried over: every loss, expert-load and
     accuracy line after [ 2,    25] is the uninterrupted run's, digit for digit (fp32, RSample noise included)."""
     run = preempted
     assert run.resumed.returncode == 0, run.resumed.output[-3000:]
-    assert f"Resuming from {run.tmp / 'stopped' / 'epoch2-step30'} at epoch 2, step 31" in run.resumed.output
+    assert f"Resuming from {run.tmp / 'stopped' / 'epoch2-step35'} at epoch 2, step 36" in run.resumed.output
     assert "--resume auto: no checkpoint" not in run.resumed.output
     expected = printed(run.full, "[ 2,    25] expert load:")
     assert len(expected) > 15
@@ -312,7 +313,7 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
     stopped, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
                              lambda _, output: os.kill(rank_pid(output, 1), signal.SIGTERM))
     assert stopped.returncode == 75, stopped.output[-3000:]
-    assert (f"Preempted by SIGTERM: saved checkpoint {tmp_path / 'ckpt' / 'epoch1-step30'}; run again with --resume "
+    assert (f"Preempted by SIGTERM: saved checkpoint {tmp_path / 'ckpt' / 'epoch1-step35'}; run again with --resume "
             f"to continue from there (exit 75)") in stopped.output
 
     def kill_rank_1_as_epoch1_is_saved(_, output):
@@ -323,10 +324,10 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
     killed, _ = signal_when([*cmd, "--resume"], tmp_path, lambda line: line.startswith("Resuming from"),
                             kill_rank_1_as_epoch1_is_saved)
     assert killed.returncode != 0 and "Finished Training" not in killed.output
-    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch1-step30"
+    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch1-step35"
     resumed = launch(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert f"Resuming from {tmp_path / 'ckpt' / 'epoch1-step30'} at epoch 1, step 31" in resumed.output
+    assert f"Resuming from {tmp_path / 'ckpt' / 'epoch1-step35'} at epoch 1, step 36" in resumed.output
     assert printed(resumed, "Resuming from") == printed(full, "[ 1,    25] loss:")
 
 
@@ -579,15 +580,23 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 # What a CPU node needs of run_slurm.sbatch (docs/nodes.md): no GPUs, and one task per rank on this node.
 CPU_NODE = ["--gpus-per-node=0", "--ntasks-per-node=2"]
-# 2 ranks, fp32, seeded: 2 epochs of 1,500 steps, about 30 s of training here: SIGUSR1 comes in its first 30 s.
+# 2 ranks, fp32, seeded: 2 epochs of 1,500 steps, about 30 s of training here, alone; SIGUSR1 comes 15 s after
+# the job starts (pinned_begin), once the ranks note signals (3-8 s) and before a machine 2x this one's speed is done.
+# slurmctld checks time limits every 30 s, on its own clock, and sends --signal=USR1@90 at the first check where
+# less than 90 + 30 s is left: on a 2-minute limit, at the first check after the job starts, anywhere in its first
+# 30 s, so a job started at random may be signalled before its ranks note signals, or after they are done.
 SLURM_JOB_FLAGS = ["--dataset", "synthetic", "--synthetic-train-size", "24000", "--synthetic-test-size", "200", "--seed", "0",
          "--dtype", "fp32", "-e", "2", "--log-interval", "100"]
 
 
-def wait_for(what, condition, timeout=300, every=0.2):
+TICK = 30  # seconds between slurmctld's checks of time limits (PERIODIC_TIMEOUT in its source)
+SIGNAL_AFTER = 15  # seconds from the job's start to SLURM's SIGUSR1
+
+
+def wait_for(what, condition, timeout=300, every=0.2, shown=lambda: ""):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}\n{shown()}"
         time.sleep(every)
     return value
 
@@ -647,6 +656,31 @@ def stop_cluster(folder, env):
                 pass
 
 
+def probe_time_limit_checks(slurm, tmp):
+    """A job of one task on a 2-minute limit that writes the time (time.time()) SLURM's --signal=USR1@90 reaches
+    it, at slurmctld's first check of time limits after it starts: the log it writes to."""
+    log = tmp / "probe.log"
+    subprocess.run(["sbatch", "--gpus-per-node=0", "--ntasks=1", "--time=2", "--signal=USR1@90", f"--output={log}",
+                    "--wrap", "srun --quiet bash -c 'trap \"echo check \\$(date +%s.%N); exit\" USR1; "
+                    "while :; do sleep 0.1; done'"], env=slurm.env, check=True, capture_output=True)
+    return log
+
+
+def time_limit_check(probe_log):
+    """When slurmctld checked time limits, as the probe saw it."""
+    found = lambda: re.search(r"^check (\S+)$", probe_log.read_text() if probe_log.exists() else "", re.M)  # noqa: E731
+    return float(wait_for("the probe job's SIGUSR1", found, timeout=2 * TICK + 30)[1])
+
+
+def pinned_begin(check):
+    """sbatch --begin for a job that SLURM signals SIGNAL_AFTER seconds after it starts: that many seconds before
+    a time-limit check, the first such time at least 2 s from now."""
+    begin = check + TICK - SIGNAL_AFTER
+    while begin < time.time() + 2:
+        begin += TICK
+    return "--begin=" + time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(round(begin)))
+
+
 def job_state(slurm, job):
     shown = subprocess.run(["scontrol", "show", "job", job], env=slurm.env, capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S+)", shown))
@@ -662,29 +696,32 @@ def final_parameters(save_dir):
 
 @pytest.fixture(scope="module")
 def requeued(slurm, tmp_path_factory):
-    """The job as a user submits it, on a time limit of 2 minutes: SLURM's SIGUSR1 comes in its first 30 s and the
-    job requeues itself; the requeued job is given 10 minutes (it would be signalled again in its first 30 s:
-    SLURM keeps a job's time limit over requeues), and `scontrol requeue` stops it mid-epoch; the third job
-    trains to the end. Beside it, the same run launched straight through."""
+    """The job as a user submits it, on a time limit of 2 minutes, started SIGNAL_AFTER seconds before slurmctld
+    checks time limits: SLURM's SIGUSR1 comes mid-epoch and the job requeues itself; the requeued job is given 10
+    minutes (SLURM keeps a job's time limit over requeues: it would be signalled again), and `scontrol requeue`
+    stops it mid-epoch; the third job trains to the end. Beside it, the same run launched straight through."""
     tmp = tmp_path_factory.mktemp("requeued")
+    probe = probe_time_limit_checks(slurm, tmp)
     straight = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SLURM_JOB_FLAGS,
                             "--save-dir", tmp / "straight"], tmp)
     log = tmp / "job.log"
     env = {**launch_env(), **slurm.env, "SAVE_DIR": str(tmp / "ckpt"), "MASTER_PORT": str(free_port()),
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "--time=2", f"--output={log}",
-                                "run_slurm.sbatch", *SLURM_JOB_FLAGS], cwd=ROOT, env=env, capture_output=True, text=True)
+    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "--time=2", pinned_begin(time_limit_check(probe)),
+                                f"--output={log}", "run_slurm.sbatch", *SLURM_JOB_FLAGS], cwd=ROOT, env=env,
+                               capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
     text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+    shown = lambda: f"{job_state(slurm, job)}\n{text()[-3000:]}"  # noqa: E731
     wait_for("SLURM's SIGUSR1 and the job's requeue", lambda: "Preempted by SIGUSR1" in text() and job_state(
-        slurm, job).get("JobState") == "PENDING")
+        slurm, job).get("JobState") == "PENDING", shown=shown)
     scontrol(slurm, "update", f"JobId={job}", "TimeLimit=10")
     wait_for("the requeued job's first loss line", lambda: re.search(r"Resuming from .*\n(.*\n)*\[ *\d+, +\d+\] loss",
-                                                                      text()))
+                                                                      text()), shown=shown)
     scontrol(slurm, "requeue", job)
     wait_for("the third job to finish", lambda: job_state(slurm, job).get("JobState") in ("COMPLETED", "FAILED"),
-             timeout=600)
+             timeout=600, shown=shown)
     return SimpleNamespace(tmp=tmp, straight=straight, log=text(), state=job_state(slurm, job))
 
 

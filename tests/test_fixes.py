@@ -85,8 +85,8 @@ def test_fp16_without_zero_backpropagates_the_scaled_loss(single_rank_group, par
 
 
 class DeepSpeedEngineOfAnotherVersion:
-    """An fp16 engine without ZeRO whose optimizer no longer keeps its loss scale where 0.19.8 does, and without
-    the fp32 clipping method 0.19.8 has."""
+    """An fp16 engine without ZeRO whose optimizer no longer keeps its loss scale where 0.19.8 does, without the
+    fp32 clipping method 0.19.8 has, and without its switch of the gradient all-reduce."""
 
     def __init__(self):
         self.optimizer = types.SimpleNamespace()
@@ -115,9 +115,12 @@ def without(module, name):
     ("clip_by_the_global_norm", "deepspeedai/DeepSpeed#8475",
      "DeepSpeedEngineOfAnotherVersion.clip_fp32_gradients", lambda _: None,
      lambda: fixes.clip_by_the_global_norm(DeepSpeedEngineOfAnotherVersion())),
-], ids=["fp16-wrapper", "shared-memory", "loss-scaling", "clipping"])
-def test_a_fix_whose_deepspeed_target_changed_stops_in_one_line(monkeypatch, capsys, fix, upstream, missing,
-                                                                   another_deepspeed, call):
+    ("skip_the_gradient_all_reduce_on_one_rank", "none filed",
+     "DeepSpeedEngineOfAnotherVersion.enable_backward_allreduce", lambda _: None,
+     lambda: fixes.skip_the_gradient_all_reduce_on_one_rank(DeepSpeedEngineOfAnotherVersion())),
+], ids=["fp16-wrapper", "shared-memory", "loss-scaling", "clipping", "one-rank-all-reduce"])
+def test_a_fix_whose_deepspeed_target_changed_stops_in_one_line(single_rank_group, monkeypatch, capsys, fix, upstream,
+                                                                   missing, another_deepspeed, call):
     """A DeepSpeed that renamed or removed what a fix patches: the run stops on every rank with one line naming the
     fix and its upstream issue, instead of training on unfixed."""
     another_deepspeed(monkeypatch)
