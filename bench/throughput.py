@@ -205,9 +205,9 @@ def whole_run_epochs(rounds, few=1, many=3):
 
 
 def step_costs(rounds, steps=100):
-    """Milliseconds per training step on one rank, fp32, a piece of the script's step added per row, each row
-    costed against the row before, in alternating blocks of `steps` steps over the same uint8 batches; dense and
-    MoE (2 experts, top-1): a Markdown table."""
+    """Milliseconds per training step on one rank, fp32, a piece of the script's step added per row, in blocks of
+    `steps` steps over the same uint8 batches, every row once a round; each row's cost is the median over rounds
+    of its time over the row before's in that round. Dense and MoE (2 experts, top-1): a Markdown table."""
     sys.path.insert(0, ROOT)
     import io
     import deepspeed
@@ -288,15 +288,19 @@ def step_costs(rounds, steps=100):
             for rows in times:
                 times[rows].append(block(rows))
         signals.close()
-        columns.append([statistics.median(times[rows]) if rows in times else None for rows in range(len(ROWS) + 1)])
+        measured, column = list(times), {}
+        for before, rows in zip(measured, measured[1:]):  # a row's ratio: the median of each round's, paired
+            column[rows] = statistics.median(times[rows]), statistics.median(
+                after / first for after, first in zip(times[rows], times[before]))
+        column[measured[0]] = statistics.median(times[measured[0]]), None
+        columns.append(column)
     names = ["plain PyTorch (fused AdamW, clip_grad_norm_)", "DeepSpeed's engine, bare"] + [
         f"+ {name}" + (f" ({note})" if note else "") for name, note in ROWS[1:]]
     for row, name in enumerate(names):
         cells = []
         for column in columns:
-            before = [value for value in column[:row] if value is not None]
-            cells.append("- | -" if column[row] is None else f"{1000 * column[row]:.3f} | -" if not before else
-                         f"{1000 * column[row]:.3f} | {column[row] / before[-1]:.3f}")
+            ms, ratio = column.get(row, (None, None))
+            cells.append("- | -" if ms is None else f"{1000 * ms:.3f} | " + ("-" if ratio is None else f"{ratio:.3f}"))
         print(f"| {name} | {' | '.join(cells)} |")
 
 

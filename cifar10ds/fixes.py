@@ -16,7 +16,6 @@ import torch.distributed.distributed_c10d
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-from deepspeed.runtime.utils import get_global_norm_of_tensors
 from deepspeed.utils import groups
 
 from cifar10ds import machine, model_files, options
@@ -151,21 +150,22 @@ def clip_by_the_global_norm(model_engine):
     expert_parallel_group = target(groups, "_get_expert_parallel_group", fix, upstream)
 
     def clip_fp32_gradients():
-        grads = {}
+        parameters = {}
         for p in model_engine.module.parameters():
             if p.grad is not None:
-                grads.setdefault(p.group_name if is_moe_param(p) else None, []).append(p.grad)
-        squares = [get_global_norm_of_tensors(tensors, mpu=model_engine.mpu,
-                                              moe_ep_group=name and expert_parallel_group(name)) ** 2
-                   for name, tensors in grads.items()]
+                parameters.setdefault(p.group_name if is_moe_param(p) else None, []).append(p)
+        squares = []
+        for name, group in parameters.items():
+            square = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True).square()
+            if name is not None and dist.get_world_size(expert_parallel_group(name)) > 1:
+                dist.all_reduce(square, group=expert_parallel_group(name))  # each expert once
+            squares.append(square)
         norm = torch.stack(squares).sum().sqrt()
         model_engine._global_grad_norm = norm
-        # DeepSpeed's clip_tensors_by_global_norm, without its branch on the coefficient, a read of the device:
-        # times a coefficient clamped at 1, as torch's clip_grad_norm_ does (x * 1.0 is x).
-        coefficient = (model_engine.gradient_clipping() / (norm + 1e-6)).clamp(max=1.0)
-        for tensors in grads.values():
-            for gradient in tensors:
-                gradient.mul_(coefficient)
+        # torch's clipping: times a coefficient clamped at 1, no branch on the device's value (DeepSpeed's
+        # clip_tensors_by_global_norm reads it), the foreach kernels of a plain loop
+        torch.nn.utils.clip_grads_with_norm_([p for group in parameters.values() for p in group],
+                                             model_engine.gradient_clipping(), norm, foreach=True)
 
     model_engine.clip_fp32_gradients = clip_fp32_gradients
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cifar10_deepspeed
 from cifar10_deepspeed import Net, get_ds_config
 from cifar10ds import fixes
 from conftest import ROOT, Accelerator
@@ -99,6 +100,24 @@ class DeepSpeedEngineOfAnotherVersion:
 
     def backward(self, loss):
         return loss
+
+
+@pytest.mark.parametrize("flags, reductions", [(["--dtype", "fp32"], 0), (["--dtype", "fp16"], 0),
+                                               (["--dtype", "bf16", "--moe", "--num-experts", "2"], 0),
+                                               (["--dtype", "fp32", "--stage", "1"], 3)],
+                         ids=["fp32", "fp16", "moe-bf16", "zero1-kept"])
+def test_one_rank_without_zero_reduces_no_gradient(single_rank_group, parse, flags, reductions):
+    """Counted over 3 steps: one rank without ZeRO enters no gradient reduction (skip_the_gradient_all_reduce_on_
+    one_rank); with ZeRO, whose optimizer moves gradients into its partitions there, DeepSpeed's stays."""
+    args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "48", "--synthetic-test-size", "1",
+                 "--seed", "0", *flags)
+    model_engine, trainloader, _ = engine_of(args)
+    calls, reduce = [], model_engine.allreduce_gradients
+    model_engine.allreduce_gradients = lambda *a, **k: calls.append(1) or reduce(*a, **k)
+    for inputs, labels in trainloader:
+        cifar10_deepspeed.train_step(model_engine, nn.CrossEntropyLoss(), inputs, labels)
+    assert len(calls) == reductions
+    model_engine.destroy()
 
 
 def without(module, name):
