@@ -98,7 +98,7 @@ MUTANTS = [
     ("fp16 is refused where DeepSpeed finds no native support", FIX, "accelerator.is_fp16_supported = lambda: True",
      "pass", [FIXES, "-k", "fp16_runs_everywhere"]),
     ("a resumed run starts the host Adam's beta^t from pow()", SCRIPT, "    fixes.replay_host_adam_steps(model_engine)  #",
-     "    pass  #", [MOVES[0], "-k", "goes_on and offload"]),
+     "    pass  #", [CHECKPOINTS, "-k", "replays_the_uninterrupted_run and offload"]),
     # the tensor data path, batch flags and gradient accumulation
     ("the tensor path divides by 256", DATASETS, "return (torch.tensor(255.0,", "return (torch.tensor(256.0,",
      [DATA, "-k", "tensor_path"]),

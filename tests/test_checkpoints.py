@@ -116,7 +116,8 @@ MOE_EP2 = ["--moe", "--ep-world-size", "2", "--num-experts", "2", "--noisy-gate-
 ], ids=["dense-zero2", "moe-ep2-zero2-offload"])
 def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_path, flags, resumes):
     """Resuming from the epoch-1 checkpoint of a 2-epoch run prints that run's epoch 2 and final test again,
-    also when the resumed run offloads where the saved one did not, or the reverse.
+    also when the resumed run offloads where the saved one did not, or the reverse; resumed as saved (CPU Adam,
+    whose bias correction replay_host_adam_steps restores), it ends with the same weights, bit for bit.
 
     In fp32, where rounding differences stay in the last bits of the weights (see the fp16 test above).
     """
@@ -138,6 +139,10 @@ def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_pat
         assert "at epoch 2" in resumed.output
         assert ("ZeRO-Offload: the optimizer's state and step on the cpu" in resumed.output) == offloaded
         assert epoch_2_and_test(resumed) == epoch_2_and_test(full), f"resumed {name}"
+        if not extra:  # resumed as saved: its final weights are the uninterrupted run's, bit for bit
+            expected, got = (final_parameters(folder / "epoch2") for folder in (tmp_path / "full", save_dir))
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"resumed {name}: {key}")
 
 
 @pytest.mark.slow
