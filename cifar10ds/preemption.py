@@ -11,7 +11,7 @@ import torch
 
 from cifar10ds import machine
 
-CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a signal: one small all-reduce on the host
+CHECK_EVERY = 8  # optimizer steps between the ranks' agreement on a signal: one small all-reduce on the host
 PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
 
 
