@@ -20,7 +20,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cifar10ds.data import CLASSES
 
 
-
 def batch_label(epoch, batch):
     """`[ 1,  2000]`: epoch and batch (counted from 1) as the reference's loss line starts, sign spaces included."""
     return f"[{epoch: d}, {batch: 5d}]"
