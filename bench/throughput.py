@@ -6,7 +6,7 @@
     python bench/throughput.py --only MoE --no-compile --baseline HEAD~1  # each row against another commit's
     python bench/throughput.py --router    # in one process: a MoE step with the router's hooks and without
     python bench/throughput.py --costs     # in one process: a step's cost, one piece of the script at a time
-    python bench/throughput.py --whole-run # seconds an epoch of whole launches, the plain loop's beside them
+    python bench/throughput.py --whole-run # seconds an epoch of whole launches, beside the plain loop and the reference
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -171,23 +171,29 @@ def router_cost(rounds, steps=200):
     print(f"| without the hooks | {1000 * without:.3f} | 1.000 |")
 
 
-WHOLE_RUNS = [  # (what, command): launched as a user launches them, on 20,000 synthetic images, fp32
+SIZES = ["--log-interval", "100000", "--synthetic-train-size", "20000", "--synthetic-test-size", "100"]
+REFERENCE = ["deepspeed", "--bind_cores_to_rank", os.path.join(ROOT, "bench", "reference.py"), "--deepspeed",
+             "--dtype", "fp32", "--log-interval", "100000", "--train-size", "20000", "--test-size", "100"]
+WHOLE_RUNS = [  # (what, command, the row it is set against): launched as a user launches them, 20,000 images, fp32
     ("plain PyTorch, dense, 1 process", [sys.executable, os.path.join(ROOT, "bench", "plain_loop.py"),
-                                         "--log-interval", "100000", "--synthetic-train-size", "20000"]),
-    ("the script, dense, 1 rank (python)", [*SCRIPT, "--log-interval", "100000", "--synthetic-train-size", "20000",
-                                            "--synthetic-test-size", "100"]),
-    ("the script, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA, "--log-interval",
-                                                      "100000", "--synthetic-train-size", "20000",
-                                                      "--synthetic-test-size", "100"]),
+                                         "--log-interval", "100000", "--synthetic-train-size", "20000"], None),
+    ("the reference, dense, 1 rank (bench/reference.py)", [REFERENCE[0], "--num_gpus", "1", *REFERENCE[1:]], None),
+    ("the script, dense, 1 rank (python)", [*SCRIPT, *SIZES], "the reference, dense, 1 rank (bench/reference.py)"),
+    ("the reference, MoE EP 2, 2 ranks (bench/reference.py)",
+     [REFERENCE[0], "--num_gpus", "2", *REFERENCE[1:], "--moe", "--ep-world-size", "2", "--num-experts", "2",
+      "--top-k", "1", "--noisy-gate-policy", "RSample", "--moe-param-group"], None),
+    ("the script, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA, *SIZES],
+     "the reference, MoE EP 2, 2 ranks (bench/reference.py)"),
 ]
 
 
 def whole_run_epochs(rounds, few=1, many=3):
     """Seconds per epoch of each WHOLE_RUNS launch, as the difference of a run of `many` epochs and one of `few`
-    (start-up, data and evaluation cancel), rounds interleaved, medians: a Markdown table."""
-    seconds = {what: {few: [], many: []} for what, _ in WHOLE_RUNS}
+    (start-up, data and evaluation cancel), rounds interleaved, medians: a Markdown table. A first round's
+    reference builds DeepSpeed's Adam op, outside the difference."""
+    seconds = {what: {few: [], many: []} for what, _, _ in WHOLE_RUNS}
     for _ in range(rounds):
-        for what, cmd in WHOLE_RUNS:
+        for what, cmd, _ in WHOLE_RUNS:
             for epochs in (few, many):
                 start = time.perf_counter()
                 run = subprocess.run([*cmd, "-e", str(epochs)], capture_output=True, text=True)
@@ -198,10 +204,11 @@ def whole_run_epochs(rounds, few=1, many=3):
              for what, runs in seconds.items()}
     plain = epoch[WHOLE_RUNS[0][0]]
     print(f"| whole run ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, 20,000 images, median of {rounds}) "
-          f"| s an epoch | vs plain PyTorch |")
-    print("| --- | --- | --- |")
-    for what, value in epoch.items():
-        print(f"| {what} | {value:.2f} | {value / plain:.2f} |")
+          f"| s an epoch | vs plain PyTorch | vs the reference |")
+    print("| --- | --- | --- | --- |")
+    for what, _, reference in WHOLE_RUNS:
+        against = f"{epoch[what] / epoch[reference]:.2f}" if reference else "-"
+        print(f"| {what} | {epoch[what]:.2f} | {epoch[what] / plain:.2f} | {against} |")
 
 
 def step_costs(rounds, steps=100):

@@ -19,11 +19,10 @@ import deepspeed
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from deepspeed.moe.layer import MoE
 
 import cifar10_deepspeed
 from bench.plain_loop import warmup_lr
+from bench.reference import Net as ReferenceNet  # the reference's Net as ../shared/REFERENCE.md describes it
 from cifar10_deepspeed import Net, create_moe_param_groups, get_ds_config, train_step
 from cifar10ds import checkpoints, data, machine, options
 import count_host_reads
@@ -173,36 +172,6 @@ SHAPES = {
     "pr-moe": (["--moe", "--num-experts", "2", "4", "--mlp-type", "residual"],
                TRUNK_KEYS + moe_keys(0, 2, True) + moe_keys(1, 4, True) + ["fc4.weight", "fc4.bias"]),
 }
-
-
-class ReferenceNet(nn.Module):
-    """The reference's Net, built as ../shared/REFERENCE.md describes it: a second path to the same model."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        if args.moe:
-            template = nn.Linear(84, 84)
-            layers = []
-            for n in args.num_experts:
-                layers.append(MoE(hidden_size=84, expert=template, num_experts=n, ep_size=args.ep_world_size,
-                                  use_residual=args.mlp_type == "residual", k=args.top_k,
-                                  min_capacity=args.min_capacity, noisy_gate_policy=args.noisy_gate_policy))
-            self.moe_layer_list = nn.ModuleList(layers)
-            self.fc4 = nn.Linear(84, 10)
-        else:
-            self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        """The reference's dense forward: conv, ReLU and pool twice, flatten, fc1 and fc2 with ReLU, fc3."""
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = F.relu(self.fc2(F.relu(self.fc1(torch.flatten(x, 1)))))
-        return self.fc3(x)
 
 
 def test_dense_forward_is_the_references(parse):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.reference import Net as ReferenceNet
 import cifar10_deepspeed
 import export_model
 import predict
@@ -17,7 +18,6 @@ from cifar10_deepspeed import Net
 from cifar10ds import data, model_files
 from cifar10ds.data import CLASSES
 from conftest import ROOT, metric, run_command
-from test_cifar10_deepspeed import ReferenceNet
 from train_cells import engine_of, parameter_snapshot
 SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size", "8",
              "--seed", "0", "--log-interval", "100", "-e", "1"]
