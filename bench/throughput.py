@@ -6,6 +6,7 @@
     python bench/throughput.py --only MoE --no-compile --baseline HEAD~1  # each row against another commit's
     python bench/throughput.py --router    # in one process: a MoE step with the router's hooks and without
     python bench/throughput.py --costs     # in one process: a step's cost, one piece of the script at a time
+    deepspeed --num_gpus 2 --bind_cores_to_rank bench/throughput.py --costs   # the same, MoE EP 2 on 2 ranks
     python bench/throughput.py --whole-run # seconds an epoch of whole launches, beside the plain loop and the reference
 
 Runs every configuration once per round, rounds interleaved so that the
@@ -212,9 +213,10 @@ def whole_run_epochs(rounds, few=1, many=3):
 
 
 def step_costs(rounds, steps=100):
-    """Milliseconds per training step on one rank, fp32, a piece of the script's step added per row, in blocks of
-    `steps` steps over the same uint8 batches, every row once a round; each row's cost is the median over rounds
-    of its time over the row before's in that round. Dense and MoE (2 experts, top-1): a Markdown table."""
+    """Milliseconds per training step, fp32, a piece of the script's step added per row, in blocks of `steps`
+    steps over the same uint8 batches, every row once a round; each row's cost is the median over rounds of its
+    time over the row before's in that round. One rank: dense and MoE (2 experts, top-1); under a launcher with
+    N ranks: MoE with N experts at EP N, as run_ds_moe.sh trains, rank 0's times. A Markdown table."""
     sys.path.insert(0, ROOT)
     import io
     import deepspeed
@@ -229,13 +231,16 @@ def step_costs(rounds, steps=100):
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
     deepspeed.init_distributed()
+    world = deepspeed.comm.get_world_size()
     criterion, metrics_dir = torch.nn.CrossEntropyLoss(), tempfile.mkdtemp(prefix="costs-")
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
-    print(f"| a step ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, 1 rank, median of {rounds} blocks of "
-          f"{steps} steps) | dense ms | vs the row before | MoE ms | vs the row before |")
-    print("| --- | --- | --- | --- | --- |")
+    shapes = {"dense": [], "MoE": MOE} if world == 1 else {
+        f"MoE EP {world}": ["--moe", "--num-experts", str(world), "--ep-world-size", str(world), "--top-k", "1"]}
+    table = [f"| a step ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, {world} rank(s), median of {rounds} "
+             f"blocks of {steps} steps) | " + " | ".join(f"{shape} ms | vs the row before" for shape in shapes) + " |",
+             "| --- " * (1 + 2 * len(shapes)) + "|"]
     columns = []
-    for flags in ([], MOE):
+    for flags in shapes.values():
         args = script.add_argument(["--deepspeed", *DATA, *flags, "--synthetic-train-size", str(16 * steps),
                                     "--metrics-dir", metrics_dir, "--seed", "0"])
         config = script.get_ds_config(args)
@@ -275,6 +280,7 @@ def step_costs(rounds, steps=100):
             args.progress = "the progress bar" in on
             log = metrics.Log(engine, args, steps)
             stdout, sys.stdout = sys.stdout, Terminal()
+            deepspeed.comm.barrier()  # every rank starts the block together
             start = time.perf_counter()
             with log.epoch(0) if "loss and throughput bookkeeping" in on else contextlib.nullcontext():
                 source = trainloader if "the sampler and loader" in on else batches
@@ -308,7 +314,9 @@ def step_costs(rounds, steps=100):
         for column in columns:
             ms, ratio = column.get(row, (None, None))
             cells.append("- | -" if ms is None else f"{1000 * ms:.3f} | " + ("-" if ratio is None else f"{ratio:.3f}"))
-        print(f"| {name} | {' | '.join(cells)} |")
+        table.append(f"| {name} | {' | '.join(cells)} |")
+    if deepspeed.comm.get_rank() == 0:
+        print("\n".join(table))
 
 
 ROWS = [  # (piece, note): each row adds one to the rows before it; the first is DeepSpeed's engine itself
@@ -339,7 +347,7 @@ def main():
                         "time, in one process")
     parser.add_argument("--whole-run", action="store_true", help="instead: seconds an epoch of whole launches, by "
                         "the difference of a 3-epoch and a 1-epoch run")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # a launcher adds --local_rank
     if args.whole_run:
         return whole_run_epochs(args.rounds)
     if args.router:
