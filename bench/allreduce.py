@@ -43,6 +43,10 @@ def milliseconds(collective):
     return 1e3 * statistics.median(times), 1e3 * statistics.mean(times), 1e3 * times[int(0.9 * len(times)) - 1]
 
 
+def cell(milliseconds):
+    return " / ".join(f"{t:.3f}" for t in milliseconds)
+
+
 def main():
     deepspeed.init_distributed()  # with DeepSpeed's shared-memory all-reduce, which the script does not make
     dist.barrier()  # every rank has mapped every buffer: they stay mapped, only their names go
@@ -56,11 +60,9 @@ def main():
         tensor = torch.ones(numel)
         backend = milliseconds(lambda: dist.all_reduce(tensor))
         shm = milliseconds(lambda: dist.inference_all_reduce(tensor))
-        rows.append(f"| {name} | {numel} | {' / '.join(f'{t:.3f}' for t in backend)} "
-                    f"| {' / '.join(f'{t:.3f}' for t in shm)} | {backend[1] / shm[1]:.0f} |")
+        rows.append(f"| {name} | {numel} | {cell(backend)} | {cell(shm)} | {backend[1] / shm[1]:.0f} |")
     backend = milliseconds(lambda: dist.all_to_all_single(torch.empty_like(dispatch), dispatch))
-    rows.append(f"| all_to_all, MoE dispatch | {dispatch.numel()} | {' / '.join(f'{t:.3f}' for t in backend)} "
-                "| - | - |")
+    rows.append(f"| all_to_all, MoE dispatch | {dispatch.numel()} | {cell(backend)} | - | - |")
     if dist.get_rank() == 0:
         backend_name = get_accelerator().communication_backend_name()
         print(f"| collective ({dist.get_world_size()} ranks, fp32) | elements | {backend_name} ms, median / mean / "

@@ -173,16 +173,23 @@ def router_cost(rounds, steps=200):
 
 
 SIZES = ["--log-interval", "100000", "--synthetic-train-size", "20000", "--synthetic-test-size", "100"]
-REFERENCE = ["deepspeed", "--bind_cores_to_rank", os.path.join(ROOT, "bench", "reference.py"), "--deepspeed",
-             "--dtype", "fp32", "--log-interval", "100000", "--train-size", "20000", "--test-size", "100"]
+
+
+def reference(ranks, *flags):
+    """bench/reference.py as the reference is launched (DeepSpeed's launcher, cores bound), at the whole-run sizes."""
+    return ["deepspeed", "--num_gpus", str(ranks), "--bind_cores_to_rank", os.path.join(ROOT, "bench", "reference.py"),
+            "--deepspeed", "--dtype", "fp32", "--log-interval", "100000", "--train-size", "20000", "--test-size",
+            "100", *flags]
+
+
 WHOLE_RUNS = [  # (what, command, the row it is set against): launched as a user launches them, 20,000 images, fp32
     ("plain PyTorch, dense, 1 process", [sys.executable, os.path.join(ROOT, "bench", "plain_loop.py"),
                                          "--log-interval", "100000", "--synthetic-train-size", "20000"], None),
-    ("the reference, dense, 1 rank (bench/reference.py)", [REFERENCE[0], "--num_gpus", "1", *REFERENCE[1:]], None),
+    ("the reference, dense, 1 rank (bench/reference.py)", reference(1), None),
     ("the script, dense, 1 rank (python)", [*SCRIPT, *SIZES], "the reference, dense, 1 rank (bench/reference.py)"),
     ("the reference, MoE EP 2, 2 ranks (bench/reference.py)",
-     [REFERENCE[0], "--num_gpus", "2", *REFERENCE[1:], "--moe", "--ep-world-size", "2", "--num-experts", "2",
-      "--top-k", "1", "--noisy-gate-policy", "RSample", "--moe-param-group"], None),
+     reference(2, "--moe", "--ep-world-size", "2", "--num-experts", "2", "--top-k", "1", "--noisy-gate-policy",
+               "RSample", "--moe-param-group"), None),
     ("the script, MoE EP 2, 2 ranks (run_ds_moe.sh)", [os.path.join(ROOT, "run_ds_moe.sh"), *DATA, *SIZES],
      "the reference, MoE EP 2, 2 ranks (bench/reference.py)"),
 ]
