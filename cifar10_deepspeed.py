@@ -333,6 +333,7 @@ def main(args):
 
     launch.use_single_process_defaults()  # python cifar10_deepspeed.py: one rank, no launcher
     machine.use_share_of_cores()
+    fixes.stop_probing_a_missing_nvml()  # no NVIDIA driver: torch's optimizers looked for one at every step
     timeout = machine.dist_timeout(args)
     fixes.bound_every_wait(timeout)  # no rank waits for ever on a dead peer: DeepSpeed#4115, its groups' timeout
     with machine.stop_if_a_peer_is_lost():  # a rank that died or hangs ends every other with one line

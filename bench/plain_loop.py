@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed  # noqa: E402
-from cifar10ds import data, machine  # noqa: E402
+from cifar10ds import data, fixes, machine  # noqa: E402
 
 
 def warmup_lr(step, scheduler):
@@ -47,6 +47,7 @@ def main():
                         help="data-loader workers (default: the script's choice for one rank)")
     parser.add_argument("--synthetic-train-size", type=int, default=5000)
     args = parser.parse_args()
+    fixes.stop_probing_a_missing_nvml()  # plain PyTorch, without DeepSpeed imported, never looks for NVML a step
 
     net_args = cifar10_deepspeed.add_argument(["--dataset", "synthetic", "--synthetic-train-size",
                                              str(args.synthetic_train_size)])

@@ -229,7 +229,7 @@ def step_costs(rounds, steps=100):
     import deepspeed
     import torch
     import cifar10_deepspeed as script
-    from cifar10ds import data, launch, machine, metrics, options, preemption
+    from cifar10ds import data, fixes, launch, machine, metrics, options, preemption
 
     class Terminal(io.StringIO):  # where tqdm draws the bar, as on a person's terminal
         def isatty(self):
@@ -238,7 +238,7 @@ def step_costs(rounds, steps=100):
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
     deepspeed.init_distributed()
-    world = deepspeed.comm.get_world_size()
+    world, nvml_check = deepspeed.comm.get_world_size(), os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     criterion, metrics_dir = torch.nn.CrossEntropyLoss(), tempfile.mkdtemp(prefix="costs-")
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     shapes = {"dense": [], "MoE": MOE} if world == 1 else {
@@ -280,6 +280,9 @@ def step_costs(rounds, steps=100):
             """Time the step of the script with the pieces of `rows` (the names of ROWS[:rows])."""
             on = {name for name, _ in ROWS[:rows]}
             model = engine if "the fixes" in on else bare
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml_check  # as importing DeepSpeed set it
+            if rows == 0 or "the fixes" in on:  # plain PyTorch does not import DeepSpeed
+                fixes.stop_probing_a_missing_nvml()
             for gate, hook in zip(engine.module.router.gates if args.moe else [], hooks):
                 gate._forward_hooks.clear()
                 gate._forward_hooks.update(hook if "the router's hooks" in on else {})
@@ -328,7 +331,7 @@ def step_costs(rounds, steps=100):
 
 ROWS = [  # (piece, note): each row adds one to the rows before it; the first is DeepSpeed's engine itself
     ("DeepSpeed's engine", ""),
-    ("the fixes", "fp32: the global-norm clipping, no all-reduce on one rank; fp16's two are off this path"),
+    ("the fixes", "fp32: the global-norm clipping, no all-reduce on one rank, no NVML probe without a driver"),
     ("the router's hooks", "MoE only"),
     ("loss and throughput bookkeeping", "metrics.Log.step"),
     ("the preemption agreement", "a post and a read every preemption.CHECK_EVERY steps"),

@@ -1,13 +1,16 @@
 """What DeepSpeed 0.19.8 gets wrong for this script, fixed at the narrowest point. Each fix says the upstream
 issue, what breaks without it, and when to delete it, and checks that what it patches is still there in the
 shape it expects (target): another DeepSpeed stops the run in one line naming the fix. The script calls each
-by its name where it acts: allow_fp16() with the config, bound_every_wait() before deepspeed.init_distributed,
+by its name where it acts: allow_fp16() with the config, stop_probing_a_missing_nvml() with the machine's
+settings, bound_every_wait() before deepspeed.init_distributed,
 wrap_torch_adam_as_deepspeed_wraps_its_own() before deepspeed.initialize, scale_the_fp16_loss() and
 clip_by_the_global_norm() after it; checkpoints.py calls read_experts_by_global_id() around a universal
 load_checkpoint, and the script replay_host_adam_steps() after load_checkpoint."""
 
 import contextlib
+import ctypes
 import importlib
+import os
 
 import deepspeed
 import deepspeed.comm as dist
@@ -21,6 +24,7 @@ from deepspeed.utils import groups
 from cifar10ds import machine, model_files, options
 
 TESTED_WITH = "0.19.8"  # the DeepSpeed whose internals the fixes patch (requirements.txt)
+NVML = "libnvidia-ml.so.1"  # the library torch.cuda loads to count GPUs without initialising CUDA
 
 
 def target(owner, name, fix, upstream):
@@ -68,6 +72,24 @@ def give_every_group_the_timeout(timeout):
     """
     target(torch.distributed.distributed_c10d, "default_pg_timeout", "give_every_group_the_timeout", "none filed")
     torch.distributed.distributed_c10d.default_pg_timeout = timeout
+
+
+def stop_probing_a_missing_nvml():
+    """Let torch.cuda.is_available() ask CUDA alone where NVML cannot be loaded, as torch does without DeepSpeed.
+
+    Upstream: none filed for the cost; `import deepspeed` sets PYTORCH_NVML_BASED_CUDA_CHECK=1 for fork safety
+    (deepspeedai/DeepSpeed#7918). torch then asks NVML for the device count first, and where NVML cannot be
+    loaded (no NVIDIA driver: a laptop, CI) it tries to load it again at every call, uncached, before asking
+    CUDA as it would have anyway. Every step of torch's optimizers asks: 0.2 ms, a tenth of a CPU step of this
+    Net (bench/throughput.py --costs). Without NVML the answer, and what asking initialises, are CUDA's either
+    way. Delete when torch caches a failed NVML load, or DeepSpeed stops setting the variable.
+    """
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return
+    try:
+        ctypes.CDLL(NVML)
+    except OSError:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
 
 
 def wrap_torch_adam_as_deepspeed_wraps_its_own():

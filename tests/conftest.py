@@ -85,6 +85,7 @@ def single_rank_group():
     DeepSpeed in place as its main() puts them."""
     for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
         os.environ.setdefault(name, str(value))
+    fixes.stop_probing_a_missing_nvml()
     fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)
     deepspeed.init_distributed()
 

@@ -3,7 +3,9 @@ with its note once; the fp16 loss scaled once without ZeRO. The clipping by the 
 layout by test_layouts.py, the shared-memory buffers by test_data.py's offline launch and the suite's end, the
 host Adam's replay by test_checkpoints.py's resumed runs."""
 
+import ctypes.util
 import importlib
+import os
 import re
 import types
 
@@ -118,6 +120,39 @@ def test_one_rank_without_zero_reduces_no_gradient(single_rank_group, parse, fla
         cifar10_deepspeed.train_step(model_engine, nn.CrossEntropyLoss(), inputs, labels)
     assert len(calls) == reductions
     model_engine.destroy()
+
+
+def test_without_nvidias_driver_no_step_looks_for_it(launch, tmp_path):
+    """Where NVIDIA's NVML library cannot be loaded (no driver; here an empty file first on the library path,
+    on any machine), a run of the script asks for it as often in 40 steps as in 10: importing DeepSpeed made
+    torch's optimizer look for it again at every step (stop_probing_a_missing_nvml)."""
+    folder = tmp_path / "without-nvml"
+    folder.mkdir()
+    (folder / fixes.NVML).touch()
+    loads = {}
+    for steps in (10, 40):
+        count = tmp_path / f"loads-{steps}"
+        run = launch("python", ROOT / "tests" / "count_nvml_loads.py", "--deepspeed", "--dataset", "synthetic",
+                     "--dtype", "fp32", "-e", "1", "--synthetic-train-size", str(16 * steps),
+                     "--synthetic-test-size", "4", env={"LD_LIBRARY_PATH": str(folder), "NVML_LOADS": str(count)})
+        assert run.returncode == 0, run.output[-3000:]
+        loads[steps] = len(count.read_text().splitlines()) if count.exists() else 0
+    assert loads[40] == loads[10], loads
+
+
+@pytest.mark.parametrize("loadable", [False, True], ids=["without-nvml", "with-nvml"])
+def test_the_nvml_check_is_left_only_where_nvml_cannot_load(monkeypatch, tmp_path, loadable):
+    """DeepSpeed's NVML-first CUDA check is left out only where NVML cannot be loaded (an empty file), where
+    torch asks CUDA alone anyway: CUDA is as available as before; where it loads (here the C library in its
+    place), the check stays."""
+    unloadable = tmp_path / fixes.NVML
+    unloadable.touch()
+    monkeypatch.setattr(fixes, "NVML", ctypes.util.find_library("c") if loadable else str(unloadable))
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    available = torch.cuda.is_available()
+    fixes.stop_probing_a_missing_nvml()
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == ("1" if loadable else None)
+    assert torch.cuda.is_available() == available
 
 
 def without(module, name):

@@ -200,6 +200,7 @@ def start():
     (ranks on one machine would oversubscribe them), DeepSpeed's fixes in place."""
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
+    fixes.stop_probing_a_missing_nvml()
     fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)
     deepspeed.init_distributed()
 
