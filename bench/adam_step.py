@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cifar10_deepspeed import Net, add_argument  # noqa: E402
+from cifar10ds import fixes  # noqa: E402
 
 HYPER = dict(lr=1e-3, betas=(0.8, 0.999), eps=1e-8, weight_decay=3e-7)
 
@@ -49,6 +50,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2000)
     steps = parser.parse_args().steps
     torch.set_num_threads(1)
+    fixes.stop_probing_a_missing_nvml()  # as the script trains
     ways = [("torch AdamW, fused (the script's)", lambda p: torch.optim.AdamW(p, fused=True, **HYPER)),
             ("torch AdamW, foreach", lambda p: torch.optim.AdamW(p, foreach=True, **HYPER)),
             ("torch AdamW, for-loop", lambda p: torch.optim.AdamW(p, foreach=False, **HYPER)),

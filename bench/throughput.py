@@ -197,7 +197,8 @@ WHOLE_RUNS = [  # (what, command, the row it is set against): launched as a user
 
 def whole_run_epochs(rounds, few=1, many=3):
     """Seconds per epoch of each WHOLE_RUNS launch, as the difference of a run of `many` epochs and one of `few`
-    (start-up, data and evaluation cancel), rounds interleaved, medians: a Markdown table. A first round's
+    (start-up, data and evaluation cancel), rounds interleaved, medians; ratios of the same round's epochs: a
+    Markdown table. A first round's
     reference builds DeepSpeed's Adam op, outside the difference."""
     seconds = {what: {few: [], many: []} for what, _, _ in WHOLE_RUNS}
     for _ in range(rounds):
@@ -208,15 +209,17 @@ def whole_run_epochs(rounds, few=1, many=3):
                 if run.returncode:
                     sys.exit(f"bench/throughput.py: error: {' '.join(cmd)} failed:\n{(run.stdout + run.stderr)[-3000:]}")
                 seconds[what][epochs].append(time.perf_counter() - start)
-    epoch = {what: (statistics.median(runs[many]) - statistics.median(runs[few])) / (many - few)
-             for what, runs in seconds.items()}
-    plain = epoch[WHOLE_RUNS[0][0]]
+    epochs = {what: [(long - short) / (many - few) for short, long in zip(runs[few], runs[many])]
+              for what, runs in seconds.items()}
+
+    def ratio(what, against):  # the median of each round's: the machine's drift between rounds cancels
+        return f"{statistics.median(mine / theirs for mine, theirs in zip(epochs[what], epochs[against])):.2f}"
     print(f"| whole run ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, 20,000 images, median of {rounds}) "
           f"| s an epoch | vs plain PyTorch | vs the reference |")
     print("| --- | --- | --- | --- |")
     for what, _, reference in WHOLE_RUNS:
-        against = f"{epoch[what] / epoch[reference]:.2f}" if reference else "-"
-        print(f"| {what} | {epoch[what]:.2f} | {epoch[what] / plain:.2f} | {against} |")
+        print(f"| {what} | {statistics.median(epochs[what]):.2f} | {ratio(what, WHOLE_RUNS[0][0])} | "
+              f"{ratio(what, reference) if reference else '-'} |")
 
 
 def step_costs(rounds, steps=100):
