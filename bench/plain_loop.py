@@ -47,7 +47,7 @@ def main():
                         help="data-loader workers (default: the script's choice for one rank)")
     parser.add_argument("--synthetic-train-size", type=int, default=5000)
     args = parser.parse_args()
-    fixes.stop_probing_a_missing_nvml()  # plain PyTorch, without DeepSpeed imported, never looks for NVML a step
+    fixes.stop_probing_a_missing_nvml()  # as plain PyTorch, which never imports DeepSpeed, checks for CUDA
 
     net_args = cifar10_deepspeed.add_argument(["--dataset", "synthetic", "--synthetic-train-size",
                                              str(args.synthetic_train_size)])

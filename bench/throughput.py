@@ -198,8 +198,7 @@ WHOLE_RUNS = [  # (what, command, the row it is set against): launched as a user
 def whole_run_epochs(rounds, few=1, many=3):
     """Seconds per epoch of each WHOLE_RUNS launch, as the difference of a run of `many` epochs and one of `few`
     (start-up, data and evaluation cancel), rounds interleaved, medians; ratios of the same round's epochs: a
-    Markdown table. A first round's
-    reference builds DeepSpeed's Adam op, outside the difference."""
+    Markdown table. A first round's reference builds DeepSpeed's Adam op, outside the difference."""
     seconds = {what: {few: [], many: []} for what, _, _ in WHOLE_RUNS}
     for _ in range(rounds):
         for what, cmd, _ in WHOLE_RUNS:
