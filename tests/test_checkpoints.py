@@ -230,12 +230,25 @@ def test_resume_in_another_dtype_is_refused_and_names_init_from_which_trains_on(
 # Preemption
 
 
-# 60 steps an epoch, a loss line every 25: the signal lands after [ 2,    25], the check at step 32 posts it and
-# the ranks stop at step 40 (preemption.CHECK_EVERY: no loss line falls on a check, where the signal could land
-# before a slower rank posts), inside a log interval, so the resumed run must carry the interval's first 15 steps
-# to print the same lines.
+# 60 steps an epoch, a loss line every 25: the signal lands after [ 2,    25], and the ranks stop at the second
+# check after it (preemption.CHECK_EVERY: no loss line falls on a check, where the signal could land before a
+# slower rank posts): at step 40 where it lands before step 32's check posts, later where the machine is slow to
+# pass it on; inside a log interval, so the resumed run must carry the interval's first steps to print the same
+# lines.
 SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "960", "--synthetic-test-size", "200", "--seed", "1",
          "-e", "3", "--log-interval", "25", "--dtype", "fp32"]
+
+
+def stopped_at(run, epoch, how, steps_per_epoch=60):
+    """The step of `epoch` at which a run preempted after its [ epoch,    25] loss line saved, read from its one
+    line: a check, the second after step 25 at the earliest, mid-epoch."""
+    saved = re.search(rf"^{how}: saved checkpoint \S+/epoch{epoch}-step(\d+); run again with --resume to continue "
+                      rf"from there \(exit \d+\)$", run.output, re.M)
+    assert saved, run.output[-3000:]
+    step = int(saved[1])
+    assert step % preemption.CHECK_EVERY == 0 and 40 <= step < steps_per_epoch, step
+    return step
+
 
 PRINTED = re.compile(r"^(\[ *\d+, +\d+\] (loss|expert load)|\[\d+\] accuracy of the network|Accuracy of |Finished Training)")
 
@@ -263,38 +276,41 @@ def preempted(tmp_path_factory):
     stopped, gone = signal_when(cmd("stopped"), tmp, lambda line: line.startswith("[ 2,    25] loss:"),
                                 lambda launcher, _: os.killpg(launcher.pid, signal.SIGINT))
     latest = (tmp / "stopped" / "latest").read_text()
+    step = stopped_at(stopped, 2, r"Interrupted by Ctrl-C \(SIGINT\)")
     resumed = run_command(cmd("stopped", "--resume", "auto"), tmp)
     subprocess.run(["cp", "-r", str(tmp / "full"), str(tmp / "from-epoch1")], check=True)
     (tmp / "from-epoch1" / "latest").write_text("epoch1")
     from_epoch1 = run_command(cmd("from-epoch1", "--resume"), tmp)
-    return SimpleNamespace(tmp=tmp, full=full, stopped=stopped, gone=gone, latest=latest, resumed=resumed,
-                           from_epoch1=from_epoch1)
+    return SimpleNamespace(tmp=tmp, full=full, stopped=stopped, gone=gone, latest=latest, step=step,
+                           resumed=resumed, from_epoch1=from_epoch1)
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_mid_epoch_in_one_line_with_no_traceback_and_nothing_left_running(preempted):
     run = preempted
     assert run.full.returncode == 0, run.full.output[-3000:]
-    assert run.latest == "epoch2-step40"  # the second agreement check after the signal
-    saved = run.tmp / "stopped" / "epoch2-step40"
+    assert run.latest == f"epoch2-step{run.step}"
+    saved = run.tmp / "stopped" / run.latest
     assert {"expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"} <= set(os.listdir(saved))
     assert run.gone < 30, f"the ranks took {run.gone:.1f} s to leave"  # signal_when waits until none is left
     lines = run.stopped.output.splitlines()
     assert lines.count(f"Interrupted by Ctrl-C (SIGINT): saved checkpoint {saved}; run again with --resume to "
                        f"continue from there (exit 130)") == 1
     assert "Traceback" not in run.stopped.output and run.stopped.returncode != 0
-    assert not any(line.startswith("[ 2,    50] loss:") for line in lines) and "Finished Training" not in lines
+    assert [line for line in lines if re.match(r"\[ 2, +\d+\] loss:", line)][-1].startswith(
+        f"[ 2, {run.step // 25 * 25:5d}] loss:") and "Finished Training" not in lines
 
 
 @pytest.mark.slow
 def test_a_run_resumed_mid_epoch_prints_the_uninterrupted_runs_lines(preempted):
-    """From step 41 of epoch 2, with the interval's first 15 steps carried over: every loss, expert-load and
-    accuracy line after [ 2,    25] is the uninterrupted run's, digit for digit (fp32, RSample noise included)."""
+    """From the step after the stop, with the interval's first steps carried over: every loss, expert-load and
+    accuracy line after the last before the stop is the uninterrupted run's, digit for digit (fp32, RSample noise
+    included)."""
     run = preempted
     assert run.resumed.returncode == 0, run.resumed.output[-3000:]
-    assert f"Resuming from {run.tmp / 'stopped' / 'epoch2-step40'} at epoch 2, step 41" in run.resumed.output
+    assert f"Resuming from {run.tmp / 'stopped' / run.latest} at epoch 2, step {run.step + 1}" in run.resumed.output
     assert "--resume auto: no checkpoint" not in run.resumed.output
-    expected = printed(run.full, "[ 2,    25] expert load:")
+    expected = printed(run.full, f"[ 2, {run.step // 25 * 25:5d}] expert load:")
     assert len(expected) > 15
     assert printed(run.resumed, "Resuming from") == expected
 
@@ -313,13 +329,17 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
         launch, script, tmp_path):
     """SIGTERM to rank 1 alone: both ranks save and exit 75, and so does the launcher. Then
     rank 1 is killed as the resumed run's next save begins: 'latest' still names the mid-epoch checkpoint,
-    complete, and a third run resumes from it to the end, printing the uninterrupted dense run's lines."""
-    cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--save-dir", tmp_path / "ckpt"]
+    complete, and a third run resumes from it to the end, printing the uninterrupted dense run's lines. Epochs of
+    120 steps: the signal, however late this machine passes it on, lands mid-epoch."""
+    cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--synthetic-train-size", "1920",
+           "--save-dir", tmp_path / "ckpt"]
     full = launch(*cmd[:-1], tmp_path / "full")
     stopped, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 1,    25] loss:"),
                              lambda _, output: os.kill(rank_pid(output, 1), signal.SIGTERM))
     assert stopped.returncode == 75, stopped.output[-3000:]
-    assert (f"Preempted by SIGTERM: saved checkpoint {tmp_path / 'ckpt' / 'epoch1-step40'}; run again with --resume "
+    step = stopped_at(stopped, 1, "Preempted by SIGTERM", steps_per_epoch=120)
+    tag = f"epoch1-step{step}"
+    assert (f"Preempted by SIGTERM: saved checkpoint {tmp_path / 'ckpt' / tag}; run again with --resume "
             f"to continue from there (exit 75)") in stopped.output
 
     def kill_rank_1_as_epoch1_is_saved(_, output):
@@ -330,11 +350,11 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
     killed, _ = signal_when([*cmd, "--resume"], tmp_path, lambda line: line.startswith("Resuming from"),
                             kill_rank_1_as_epoch1_is_saved)
     assert killed.returncode != 0 and "Finished Training" not in killed.output
-    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch1-step40"
+    assert (tmp_path / "ckpt" / "latest").read_text() == tag
     resumed = launch(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert f"Resuming from {tmp_path / 'ckpt' / 'epoch1-step40'} at epoch 1, step 41" in resumed.output
-    assert printed(resumed, "Resuming from") == printed(full, "[ 1,    25] loss:")
+    assert f"Resuming from {tmp_path / 'ckpt' / tag} at epoch 1, step {step + 1}" in resumed.output
+    assert printed(resumed, "Resuming from") == printed(full, f"[ 1, {step // 25 * 25:5d}] loss:")
 
 
 @pytest.mark.slow
