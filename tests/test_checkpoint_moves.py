@@ -96,7 +96,7 @@ def moved(tmp_path_factory):
         assert latest.read_text() == CUT, stopped.output[-3000:]
         save_dir = tmp / f"{source}-to-{target}"
         save_dir.mkdir()
-        subprocess.run(["cp", "-r", str(tmp / f"{source}-mid" / CUT), str(save_dir / CUT)], check=True)
+        subprocess.run(["cp", "-r", str(latest.parent / CUT), str(save_dir / CUT)], check=True)
         (save_dir / "latest").write_text(CUT)
         runs[source, target] = run_command(command(tmp, target, save_dir.name, "--resume"), tmp)
     return tmp, runs

@@ -250,6 +250,11 @@ def stopped_at(run, epoch, how, steps_per_epoch=60):
     return step
 
 
+def logged_before(epoch, step):
+    """The start of the last log line a SMALL run printed by `step` of `epoch` (a line every 25 steps)."""
+    return f"[ {epoch}, {step // 25 * 25:5d}]"
+
+
 PRINTED = re.compile(r"^(\[ *\d+, +\d+\] (loss|expert load)|\[\d+\] accuracy of the network|Accuracy of |Finished Training)")
 
 
@@ -298,7 +303,7 @@ def test_ctrl_c_saves_mid_epoch_in_one_line_with_no_traceback_and_nothing_left_r
                        f"continue from there (exit 130)") == 1
     assert "Traceback" not in run.stopped.output and run.stopped.returncode != 0
     assert [line for line in lines if re.match(r"\[ 2, +\d+\] loss:", line)][-1].startswith(
-        f"[ 2, {run.step // 25 * 25:5d}] loss:") and "Finished Training" not in lines
+        f"{logged_before(2, run.step)} loss:") and "Finished Training" not in lines
 
 
 @pytest.mark.slow
@@ -310,7 +315,7 @@ def test_a_run_resumed_mid_epoch_prints_the_uninterrupted_runs_lines(preempted):
     assert run.resumed.returncode == 0, run.resumed.output[-3000:]
     assert f"Resuming from {run.tmp / 'stopped' / run.latest} at epoch 2, step {run.step + 1}" in run.resumed.output
     assert "--resume auto: no checkpoint" not in run.resumed.output
-    expected = printed(run.full, f"[ 2, {run.step // 25 * 25:5d}] expert load:")
+    expected = printed(run.full, f"{logged_before(2, run.step)} expert load:")
     assert len(expected) > 15
     assert printed(run.resumed, "Resuming from") == expected
 
@@ -354,7 +359,7 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_a_kill_during_a_save_leaves
     resumed = launch(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"Resuming from {tmp_path / 'ckpt' / tag} at epoch 1, step {step + 1}" in resumed.output
-    assert printed(resumed, "Resuming from") == printed(full, f"[ 1, {step // 25 * 25:5d}] loss:")
+    assert printed(resumed, "Resuming from") == printed(full, f"{logged_before(1, step)} loss:")
 
 
 @pytest.mark.slow
