@@ -324,6 +324,7 @@ def main(args):
     # Beyond the reference: the config's Adam trains as torch's fused AdamW, the same update, where DeepSpeed would
     # build its own op on a first run, or crash without a compiler (DeepSpeed#1897); "torch_adam": false keeps it.
     optimizer = machine.use_torch_fused_adamw(config)
+    machine.time_steps_without_synchronizing(config)  # DeepSpeed's throughput timer waited for the device twice a step
     machine.check_the_accelerator(optimizer)  # a GPU torch cannot use stops the run; rank 0 names what trains
     for line in (note, fixes.allow_fp16(config), options.read_offload(config)):
         if line and launch.rank() == 0:

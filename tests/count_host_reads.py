@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 tests/count_host_reads.py --report reads.json dense-fp32 moe-ep2-fp16
 
 Each run trains the script's train() for an epoch of 20 steps and one of 40, with no log line in either, counting
-every read (item, tolist, bool, int, float, index, cpu, numpy) by the place that asked; what the longer epoch
+every read (item, tolist, bool, int, float, index, cpu, numpy) and every wait for the device (the accelerator's
+synchronize) by the place that asked; what the longer epoch
 reads more, a place at a time, is what its steps read. Rank 0 writes every rank's per-step reads to the report.
 """
 
@@ -18,6 +19,7 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 import torchvision
+from deepspeed.accelerator import get_accelerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,31 +40,34 @@ RUNS = {
 
 @contextlib.contextmanager
 def host_reads():
-    """Every read of a tensor's value back to the host while the block runs, each by the place that asked: the
-    nearest frame outside torch and torchvision, as (who, "file:function"), who being "project" or "deepspeed".
-    On a GPU each one waits for the device's queue."""
+    """Every read of a tensor's value back to the host, and every synchronize of the accelerator, while the block
+    runs, each by the place that asked: the nearest frame outside torch and torchvision, as (who, "file:function"),
+    who being "project" or "deepspeed". On a GPU each one waits for the device's queue."""
     found = collections.Counter()
     torch_dirs = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, torchvision))
     deepspeed_dir = os.path.dirname(deepspeed.__file__) + os.sep
 
     def counting(original):
-        def read(tensor, *args, **kwargs):
+        def read(*args, **kwargs):
             frame = sys._getframe(1)
             while frame and frame.f_code.co_filename.startswith(torch_dirs):
                 frame = frame.f_back
             path = frame.f_code.co_filename
             who = "deepspeed" if path.startswith(deepspeed_dir) else "project" if path.startswith(ROOT) else "other"
             found[who, f"{os.path.relpath(path, deepspeed_dir if who == 'deepspeed' else ROOT)}:{frame.f_code.co_name}"] += 1
-            return original(tensor, *args, **kwargs)
+            return original(*args, **kwargs)
         return read
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
     for name, original in originals.items():
         setattr(torch.Tensor, name, counting(original))
+    accelerator = get_accelerator()
+    accelerator.synchronize = counting(accelerator.synchronize)
     try:
         yield found
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        del accelerator.synchronize  # the class's again
 
 
 def reads_of_an_epoch(steps, flags):

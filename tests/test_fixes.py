@@ -132,7 +132,7 @@ def test_without_nvidias_driver_no_step_looks_for_it(launch, tmp_path):
     loads = {}
     for steps in (10, 40):
         count = tmp_path / f"loads-{steps}"
-        run = launch("python", ROOT / "tests" / "count_nvml_loads.py", "--deepspeed", "--dataset", "synthetic",
+        run = launch("python", ROOT / "tests" / "count_in_a_run.py", "--deepspeed", "--dataset", "synthetic",
                      "--dtype", "fp32", "-e", "1", "--synthetic-train-size", str(16 * steps),
                      "--synthetic-test-size", "4", env={"LD_LIBRARY_PATH": str(folder), "NVML_LOADS": str(count)})
         assert run.returncode == 0, run.output[-3000:]

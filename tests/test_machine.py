@@ -18,9 +18,10 @@ import torchvision
 
 import cifar10ds.launch
 import cifar10ds.machine
-from conftest import (DRIVER_TOO_OLD, FAKE_MACHINE, Accelerator, Run, children, finish, kill_session, live_processes,
+from conftest import (DRIVER_TOO_OLD, FAKE_MACHINE, ROOT, Accelerator, Run, children, finish, kill_session, live_processes,
                       metric, run_command, start)
 from test_launch import Nodes, completed, script
+from train_cells import engine_of
 TINY = ["--dataset", "synthetic", "--dtype", "fp32", "-e", "1", "--synthetic-train-size", "64",
         "--synthetic-test-size", "16", "--log-interval", "4"]
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "50", "--seed", "0"]
@@ -125,6 +126,32 @@ def test_data_loader_workers_from_the_cores(monkeypatch, cores, on_host, workers
     monkeypatch.setattr(cifar10ds.machine, "get_accelerator", lambda: Accelerator(True, on_host))
     assert cifar10ds.machine.data_loader_workers() == workers
 
+
+
+# The device's queue
+@pytest.mark.parametrize("asked, synchronized", [(None, False), (True, True)])
+def test_deepspeeds_throughput_timer_waits_for_the_device_only_where_the_config_asks(single_rank_group, parse, asked,
+                                                                                       synchronized):
+    """Its line every steps_per_print steps stays on; the two waits a step (tests/count_host_reads.py counts
+    them in a run) are gone unless the config asks for them."""
+    settings = {} if asked is None else {"timers": {"throughput": {"synchronized": asked}}}
+    engine, _, _ = engine_of(parse("--deepspeed", "--dataset", "synthetic", "--dtype", "fp32"), **settings)
+    assert engine.tput_timer.config.enabled
+    assert engine.tput_timer.config.synchronized is synchronized
+
+
+def test_a_run_waits_for_the_device_as_often_in_40_steps_as_in_10(launch, tmp_path):
+    """A run of the script (tests/count_in_a_run.py counts every synchronize of the accelerator) waits for the
+    device's queue at its start and its end, never in a step: DeepSpeed's throughput timer did twice a step."""
+    waits = {}
+    for steps in (10, 40):
+        syncs = tmp_path / f"syncs-{steps}"
+        run = launch("python", ROOT / "tests" / "count_in_a_run.py", "--deepspeed", "--dataset", "synthetic",
+                     "--dtype", "fp32", "-e", "1", "--synthetic-train-size", str(16 * steps),
+                     "--synthetic-test-size", "4", env={"SYNCS": str(syncs)})
+        assert run.returncode == 0, run.output[-3000:]
+        waits[steps] = syncs.read_text().splitlines() if syncs.exists() else []
+    assert waits[40] == waits[10], waits
 
 # torch.compile
 STEPS = 25
