@@ -171,22 +171,29 @@ def clip_by_the_global_norm(model_engine):
     target(model_engine, "clip_fp32_gradients", fix, upstream)
     expert_parallel_group = target(groups, "_get_expert_parallel_group", fix, upstream)
 
+    here, spread = [], {}  # the gradients whose norm this rank holds whole; experts spread over EP ranks, by group
+    for p in model_engine.module.parameters():
+        group = p.group_name if is_moe_param(p) else None
+        if group is not None and dist.get_world_size(expert_parallel_group(group)) > 1:
+            spread.setdefault(group, []).append(p)
+        else:
+            here.append(p)
+    parameters = here + [p for group in spread.values() for p in group]
+
     def clip_fp32_gradients():
-        parameters = {}
-        for p in model_engine.module.parameters():
-            if p.grad is not None:
-                parameters.setdefault(p.group_name if is_moe_param(p) else None, []).append(p)
-        squares = []
-        for name, group in parameters.items():
-            square = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True).square()
-            if name is not None and dist.get_world_size(expert_parallel_group(name)) > 1:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in here if p.grad is not None], foreach=True)
+        if spread:
+            squares = [norm.square()]
+            for name, group in spread.items():
+                square = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None],
+                                                       foreach=True).square()
                 dist.all_reduce(square, group=expert_parallel_group(name))  # each expert once
-            squares.append(square)
-        norm = torch.stack(squares).sum().sqrt()
+                squares.append(square)
+            norm = torch.stack(squares).sum().sqrt()
         model_engine._global_grad_norm = norm
         # torch's clipping: times a coefficient clamped at 1, no branch on the device's value (DeepSpeed's
         # clip_tensors_by_global_norm reads it), the foreach kernels of a plain loop
-        torch.nn.utils.clip_grads_with_norm_([p for group in parameters.values() for p in group],
+        torch.nn.utils.clip_grads_with_norm_([p for p in parameters if p.grad is not None],
                                              model_engine.gradient_clipping(), norm, foreach=True)
 
     model_engine.clip_fp32_gradients = clip_fp32_gradients
