@@ -8,6 +8,7 @@
     python bench/throughput.py --costs     # in one process: a step's cost, one piece of the script at a time
     deepspeed --num_gpus 2 --bind_cores_to_rank bench/throughput.py --costs   # the same, MoE EP 2 on 2 ranks
     python bench/throughput.py --whole-run # seconds an epoch of whole launches, beside the plain loop and the reference
+    python bench/throughput.py --whole-run --only "script, dense" --epochs 4 --rounds 10   # runs of 1 and 5 epochs
 
 Runs every configuration once per round, rounds interleaved so that the
 machine's drift hits them alike, on the synthetic data in fp32. For each it
@@ -196,13 +197,15 @@ WHOLE_RUNS = [  # (what, command, the row it is set against): launched as a user
 ]
 
 
-def whole_run_epochs(rounds, few=1, many=3):
-    """Seconds per epoch of each WHOLE_RUNS launch, as the difference of a run of `many` epochs and one of `few`
-    (start-up, data and evaluation cancel), rounds interleaved, medians; ratios of the same round's epochs: a
-    Markdown table. A first round's reference builds DeepSpeed's Adam op, outside the difference."""
-    seconds = {what: {few: [], many: []} for what, _, _ in WHOLE_RUNS}
+def whole_run_epochs(rounds, only="", few=1, many=3):
+    """Seconds per epoch of each WHOLE_RUNS launch whose name matches `only` (and the plain loop), as the
+    difference of a run of `many` epochs and one of `few` (start-up, data and evaluation cancel), rounds
+    interleaved, medians; ratios of the same round's epochs: a Markdown table. A first round's reference builds
+    DeepSpeed's Adam op, outside the difference."""
+    runs = [run for run in WHOLE_RUNS if run is WHOLE_RUNS[0] or re.search(only, run[0])]
+    seconds = {what: {few: [], many: []} for what, _, _ in runs}
     for _ in range(rounds):
-        for what, cmd, _ in WHOLE_RUNS:
+        for what, cmd, _ in runs:
             for epochs in (few, many):
                 start = time.perf_counter()
                 run = subprocess.run([*cmd, "-e", str(epochs)], capture_output=True, text=True)
@@ -213,11 +216,13 @@ def whole_run_epochs(rounds, few=1, many=3):
               for what, runs in seconds.items()}
 
     def ratio(what, against):  # the median of each round's: the machine's drift between rounds cancels
+        if against not in epochs:
+            return "-"
         return f"{statistics.median(mine / theirs for mine, theirs in zip(epochs[what], epochs[against])):.2f}"
     print(f"| whole run ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, 20,000 images, median of {rounds}) "
           f"| s an epoch | vs plain PyTorch | vs the reference |")
     print("| --- | --- | --- | --- |")
-    for what, _, reference in WHOLE_RUNS:
+    for what, _, reference in runs:
         print(f"| {what} | {statistics.median(epochs[what]):.2f} | {ratio(what, WHOLE_RUNS[0][0])} | "
               f"{ratio(what, reference) if reference else '-'} |")
 
@@ -360,10 +365,10 @@ def main():
     parser.add_argument("--costs", action="store_true", help="instead: a step's cost, a piece of the script at a "
                         "time, in one process")
     parser.add_argument("--whole-run", action="store_true", help="instead: seconds an epoch of whole launches, by "
-                        "the difference of a 3-epoch and a 1-epoch run")
+                        "the difference of a run of 1 + --epochs epochs and a 1-epoch run")
     args, _ = parser.parse_known_args()  # a launcher adds --local_rank
     if args.whole_run:
-        return whole_run_epochs(args.rounds)
+        return whole_run_epochs(args.rounds, args.only, many=1 + args.epochs)
     if args.router:
         return router_cost(args.rounds)
     if args.costs:
