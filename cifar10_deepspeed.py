@@ -174,6 +174,7 @@ def build_engine(args, config, trainset):
     # DeepSpeed#8613, #8588: fp16/bf16 without ZeRO wrap torch's Adam as DeepSpeed wraps its own (FP16_Optimizer),
     # or the clipping norm leaves out the experts' gradients and keeps the loss scale.
     fixes.wrap_torch_adam_as_deepspeed_wraps_its_own()
+    machine.time_steps_without_synchronizing(config)  # DeepSpeed's throughput timer waited for the device twice a step
     model_engine, optimizer, trainloader, __ = deepspeed.initialize(
         args=args, model=net, model_parameters=parameters, training_data=trainset,
         collate_fn=data.collate_fn(trainset), config=config)
@@ -324,7 +325,6 @@ def main(args):
     # Beyond the reference: the config's Adam trains as torch's fused AdamW, the same update, where DeepSpeed would
     # build its own op on a first run, or crash without a compiler (DeepSpeed#1897); "torch_adam": false keeps it.
     optimizer = machine.use_torch_fused_adamw(config)
-    machine.time_steps_without_synchronizing(config)  # DeepSpeed's throughput timer waited for the device twice a step
     machine.check_the_accelerator(optimizer)  # a GPU torch cannot use stops the run; rank 0 names what trains
     for line in (note, fixes.allow_fp16(config), options.read_offload(config)):
         if line and launch.rank() == 0:

@@ -41,7 +41,6 @@ def main():
     trainset, _ = script.load_data(args)
     config = script.get_ds_config(args)
     machine.use_torch_fused_adamw(config)
-    machine.time_steps_without_synchronizing(config)
     engine, trainloader = script.build_engine(args, config, trainset)
     batches = [batch for _, batch in zip(range(bench.steps), trainloader)]
     criterion = nn.CrossEntropyLoss()

@@ -171,14 +171,14 @@ def clip_by_the_global_norm(model_engine):
     target(model_engine, "clip_fp32_gradients", fix, upstream)
     expert_parallel_group = target(groups, "_get_expert_parallel_group", fix, upstream)
 
+    parameters = list(model_engine.module.parameters())
     here, spread = [], {}  # the gradients whose norm this rank holds whole; experts spread over EP ranks, by group
-    for p in model_engine.module.parameters():
+    for p in parameters:
         group = p.group_name if is_moe_param(p) else None
         if group is not None and dist.get_world_size(expert_parallel_group(group)) > 1:
             spread.setdefault(group, []).append(p)
         else:
             here.append(p)
-    parameters = here + [p for group in spread.values() for p in group]
     riding, carried = carry_expert_squares_in_the_gradient_all_reduce(model_engine, spread, fix, upstream)
 
     def clip_fp32_gradients():

@@ -127,7 +127,6 @@ def test_data_loader_workers_from_the_cores(monkeypatch, cores, on_host, workers
     assert cifar10ds.machine.data_loader_workers() == workers
 
 
-
 # The device's queue
 @pytest.mark.parametrize("asked, synchronized", [(None, False), (True, True)])
 def test_deepspeeds_throughput_timer_waits_for_the_device_only_where_the_config_asks(single_rank_group, parse, asked,
@@ -152,6 +151,7 @@ def test_a_run_waits_for_the_device_as_often_in_40_steps_as_in_10(launch, tmp_pa
         assert run.returncode == 0, run.output[-3000:]
         waits[steps] = syncs.read_text().splitlines() if syncs.exists() else []
     assert waits[40] == waits[10], waits
+
 
 # torch.compile
 STEPS = 25

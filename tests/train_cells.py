@@ -213,7 +213,6 @@ def engine_of(args, **settings):
     if reason:
         raise ValueError(reason)
     machine.use_torch_fused_adamw(config)
-    machine.time_steps_without_synchronizing(config)
     fixes.allow_fp16(config)
     trainset, testset = cifar10_deepspeed.load_data(args)
     return (*cifar10_deepspeed.build_engine(args, config, trainset), testset)
