@@ -70,6 +70,11 @@ MUTANTS = [
     ("dropped assignments count as kept", LINES, "routes.flatten() + 1", "routes.flatten().abs() + 1",
      ROUTES),
     ("the figures are one rank's, not all ranks'", LINES, "        dist.all_reduce(totals)\n", "\n", ROUTES),
+    ("the host's token and pass counts outlive their interval", LINES,
+     "                total.zero_()\n        self.tokens, self.passes = [0] * len(self.gates), [0] * len(self.gates)\n",
+     "                total.zero_()\n", [METRICS, "-k", "router or interval"]),
+    ("a resumed interval counts its tokens and passes from nothing", LINES,
+     "            self.tokens[layer], self.passes[layer] = int(tokens), int(passes)\n", "\n", [METRICS, "-k", "interval"]),
     ("a dead expert is not named", LINES, "if share == 0]", "if share < 0]", ROUTES),
     # data
     ("every rank downloads", SCRIPT, "datasets = data.load_datasets(args, download=first_on_node)",
@@ -166,8 +171,8 @@ MUTANTS = [
     ("the clipping fix branches on the device's value", FIX, "        model_engine._global_grad_norm = norm\n",
      "        model_engine._global_grad_norm = norm\n        if norm < model_engine.gradient_clipping():\n"
      "            return\n", [LESSON, "-k", "reads_nothing"]),
-    ("the router reads the capacity back every step", LINES, "        counts[0].add_(capacity)",
-     "        counts[0].add_(float(capacity))", [LESSON, "-k", "reads_nothing"]),
+    ("the router reads the capacity back every step", LINES, "        self.capacity[layer].add_(capacity)",
+     "        self.capacity[layer].add_(float(capacity))", [LESSON, "-k", "reads_nothing"]),
     ("the preemption agreement reads its all-reduce at once, a blocking read", PACKAGE + "preemption.py",
      "        agreed = self.collected()\n        self.post()\n        return agreed\n",
      "        self.post()\n        return int(torch.from_numpy(self.posted[1]).item()) and self.collected()\n",

@@ -6,6 +6,7 @@
     python bench/throughput.py --only MoE --no-compile --baseline HEAD~1  # each row against another commit's
     python bench/throughput.py --router    # in one process: a MoE step with the router's hooks and without
     python bench/throughput.py --costs     # in one process: a step's cost, one piece of the script at a time
+    python bench/throughput.py --costs --toy-net   # the same with a net whose maths costs nothing: the Python
     deepspeed --num_gpus 2 --bind_cores_to_rank bench/throughput.py --costs   # the same, MoE EP 2 on 2 ranks
     python bench/throughput.py --whole-run # seconds an epoch of whole launches, beside the plain loop and the reference
     python bench/throughput.py --whole-run --only "script, dense" --epochs 4 --rounds 10   # runs of 1 and 5 epochs
@@ -226,11 +227,21 @@ def whole_run_epochs(rounds, only="", few=1, many=3):
               f"{ratio(what, reference) if reference else '-'} |")
 
 
-def step_costs(rounds, steps=100):
+def toy_net(args):
+    """Five linear layers, four of them 2x2, in place of the Net (ten parameter tensors too): a step whose maths
+    costs next to nothing, so that what a step costs is the Python around it (the engine's calls, the hooks)."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2),
+                               *(torch.nn.Linear(2, 2) for _ in range(3)), torch.nn.Linear(2, 10))
+
+
+def step_costs(rounds, steps=100, toy=False):
     """Milliseconds per training step, fp32, a piece of the script's step added per row, in blocks of `steps`
     steps over the same uint8 batches, every row once a round; each row's cost is the median over rounds of its
     time over the row before's in that round. One rank: dense and MoE (2 experts, top-1); under a launcher with
-    N ranks: MoE with N experts at EP N, as run_ds_moe.sh trains, rank 0's times. A Markdown table."""
+    N ranks: MoE with N experts at EP N, as run_ds_moe.sh trains, rank 0's times. With `toy`, the dense rows of a
+    toy_net: each row's Python. A Markdown table."""
     sys.path.insert(0, ROOT)
     import io
     import deepspeed
@@ -248,7 +259,9 @@ def step_costs(rounds, steps=100):
     world, nvml_check = deepspeed.comm.get_world_size(), os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     criterion, metrics_dir = torch.nn.CrossEntropyLoss(), tempfile.mkdtemp(prefix="costs-")
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
-    shapes = {"dense": [], "MoE": MOE} if world == 1 else {
+    if toy:
+        script.Net = toy_net
+    shapes = {"dense (toy net)" if toy else "dense": [], **({} if toy else {"MoE": MOE})} if world == 1 else {
         f"MoE EP {world}": ["--moe", "--num-experts", str(world), "--ep-world-size", str(world), "--top-k", "1"]}
     table = [f"| a step ({os.cpu_count()} cores, {DEVICE}, fp32, batch 16, {world} rank(s), median of {rounds} "
              f"blocks of {steps} steps) | " + " | ".join(f"{shape} ms | vs the row before" for shape in shapes) + " |",
@@ -362,6 +375,8 @@ def main():
                         "hooks, in one process")
     parser.add_argument("--costs", action="store_true", help="instead: a step's cost, a piece of the script at a "
                         "time, in one process")
+    parser.add_argument("--toy-net", action="store_true", help="with --costs: the dense rows with a net of five 2x2 "
+                        "linear layers, whose maths costs next to nothing: each piece's Python")
     parser.add_argument("--whole-run", action="store_true", help="instead: seconds an epoch of whole launches, by "
                         "the difference of a run of 1 + --epochs epochs and a 1-epoch run")
     args, _ = parser.parse_known_args()  # a launcher adds --local_rank
@@ -370,7 +385,7 @@ def main():
     if args.router:
         return router_cost(args.rounds)
     if args.costs:
-        return step_costs(args.rounds)
+        return step_costs(args.rounds, toy=args.toy_net)
     runs = [config for config in CONFIGS if re.search(args.only, config[0]) or config in CONFIGS[:2]]
     runs = [config for config in runs if not (args.no_compile and "--compile" in config[1])]
     if args.data_paths:

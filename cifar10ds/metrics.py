@@ -63,8 +63,8 @@ class Router:
     evaluation, the assignments sent and kept.
 
     DeepSpeed's gate computes these and logs none of them. A forward hook on each gate adds them up on the device,
-    the capacity, tokens and passes too, so a step reads nothing back to the host; summarize() reads them once per
-    interval.
+    the capacity too (the host counts tokens and passes, which it knows), so a step reads nothing back to the host;
+    summarize() reads them once per interval.
     """
 
     def __init__(self, moe_layers):
@@ -73,8 +73,10 @@ class Router:
         self.eval_capacity_factor = self.gates[0].eval_capacity_factor
         self.sent = [torch.zeros(n) for n in self.experts]  # assignments sent to each expert
         self.routed = [torch.zeros(n + 1) for n in self.experts]  # assignments dropped, then kept by each expert
-        self.sums = [torch.zeros(2) for _ in self.gates]  # entropy summed over tokens, aux loss summed over passes
-        self.counts = [torch.zeros(3) for _ in self.gates]  # capacity per expert summed over passes, tokens, passes
+        self.entropy = [torch.zeros(()) for _ in self.gates]  # the router's entropy summed over tokens
+        self.aux_loss = [torch.zeros(()) for _ in self.gates]  # summed over passes
+        self.capacity = [torch.zeros(()) for _ in self.gates]  # capacity per expert summed over passes
+        self.tokens, self.passes = [0] * len(self.gates), [0] * len(self.gates)  # known on the host
         self.tested = torch.zeros(len(self.gates), 2)  # assignments sent and kept at evaluation
         self.ones = {}  # a vector of ones per route count, to count routes with
         for layer, gate in enumerate(self.gates):
@@ -82,7 +84,8 @@ class Router:
 
     @torch.no_grad()
     def record(self, layer, gate, inputs, output):
-        """Add one forward pass of a gate: its routes (expert index per choice and token, -1 where dropped)."""
+        """Add one forward pass of a gate: its routes (expert index per choice and token, -1 where dropped).
+        Each figure is added in place on the device, one op each: the hook runs at every MoE layer's pass."""
         aux_loss, capacity, _, routes, _, _, sent = output
         if self.tested.device != sent.device:
             self.to(sent.device)
@@ -94,22 +97,34 @@ class Router:
         self.sent[layer] += sent
         self.routed[layer].index_add_(0, routes.flatten() + 1, self.ones[routes.numel()])
         probabilities = F.linear(inputs[0].float(), gate.wg.weight.float()).softmax(dim=1)
-        self.sums[layer] += torch.stack([torch.special.entr(probabilities).sum(), aux_loss.detach().float()])
-        counts = self.counts[layer]  # whole numbers, exact in float32; a device tensor or a number added, never read
-        counts[0].add_(capacity)
-        counts[1].add_(len(probabilities))
-        counts[2].add_(1)
+        self.entropy[layer].add_(torch.special.entr(probabilities).sum())
+        self.aux_loss[layer].add_(aux_loss)
+        self.capacity[layer].add_(capacity)  # whole numbers, exact in float32; a device tensor, never read
+        self.tokens[layer] += len(probabilities)
+        self.passes[layer] += 1
 
     def to(self, device):
-        self.sent, self.routed, self.sums, self.counts = ([t.to(device) for t in totals] for totals in (
-            self.sent, self.routed, self.sums, self.counts))
+        self.sent, self.routed, self.entropy, self.aux_loss, self.capacity = ([t.to(device) for t in totals] for totals
+                                                                              in self.on_the_device())
         self.tested, self.ones = self.tested.to(device), {}
+
+    def on_the_device(self):
+        return self.sent, self.routed, self.entropy, self.aux_loss, self.capacity
+
+    def sums_and_counts(self):
+        """Per layer: [entropy, aux loss] and [capacity, tokens, passes] summed over the interval, on the device."""
+        device = self.capacity[0].device
+        sums = [torch.stack([entropy, aux_loss]) for entropy, aux_loss in zip(self.entropy, self.aux_loss)]
+        counts = [torch.cat([capacity.view(1), torch.tensor([tokens, passes], dtype=torch.float32, device=device)])
+                  for capacity, tokens, passes in zip(self.capacity, self.tokens, self.passes)]
+        return sums, counts
 
     def summarize(self):
         """Each layer's figures over the interval and all ranks: a dict of the share of tokens sent to each expert,
         each expert's fill of its capacity, the share of assignments dropped, the router's mean entropy (nats;
         log(experts) for an even split) and the mean aux loss. Every rank must call it."""
-        totals = torch.cat([*self.sent, *self.routed, *self.sums, *self.counts])
+        sums, counts = self.sums_and_counts()
+        totals = torch.cat([*self.sent, *self.routed, *sums, *counts])
         dist.all_reduce(totals)
         totals = totals.cpu().double()  # counts are whole numbers: their ratios as exact as the host can
         n, layers = sum(self.experts), len(self.gates)
@@ -130,16 +145,24 @@ class Router:
         return [((sent - kept) / sent.clamp(min=1)).item() for sent, kept in tested.cpu().double()]
 
     def reset(self):
-        for total in self.sent + self.routed + self.sums + self.counts:
-            total.zero_()
+        for totals in self.on_the_device():
+            for total in totals:
+                total.zero_()
+        self.tokens, self.passes = [0] * len(self.gates), [0] * len(self.gates)
 
     def state(self):
-        return {name: [t.tolist() for t in getattr(self, name)] for name in ("sent", "routed", "sums", "counts")}
+        sums, counts = self.sums_and_counts()
+        return {"sent": [t.tolist() for t in self.sent], "routed": [t.tolist() for t in self.routed],
+                "sums": [t.tolist() for t in sums], "counts": [t.tolist() for t in counts]}
 
     def load_state(self, state):
-        for name in ("sent", "routed", "sums", "counts"):
-            for total, saved in zip(getattr(self, name), state[name]):
-                total.copy_(torch.tensor(saved))
+        for total, saved in zip(self.sent + self.routed, state["sent"] + state["routed"]):
+            total.copy_(torch.tensor(saved))
+        for layer, ((entropy, aux_loss), (capacity, tokens, passes)) in enumerate(zip(state["sums"], state["counts"])):
+            self.entropy[layer].fill_(entropy)
+            self.aux_loss[layer].fill_(aux_loss)
+            self.capacity[layer].fill_(capacity)
+            self.tokens[layer], self.passes[layer] = int(tokens), int(passes)
 
 
 def percentages(values):

@@ -103,8 +103,23 @@ def test_the_router_sums_what_each_gate_sent_kept_and_dropped(single_rank_group,
     assert layers[1]["shares"] == [0.125] * 6 + [0.25] + [0.0] * 9
     assert layers[1]["fills"] == [1.0] * 6 + [0.0] * 10 and layers[1]["dropped"] == 0.25  # 2 of 8 assignments
     assert layers[1]["entropy"] == pytest.approx(math.log(16))
-    assert all(t.sum() == 0 for t in router.sent + router.routed + router.sums + router.counts)
+    assert all(t.sum() == 0 for totals in router.on_the_device() for t in totals)
+    assert router.tokens == router.passes == [0, 0]
     assert router.summarize_test() == [0.0, 0.0]  # nothing evaluated
+
+
+def test_an_interval_saved_mid_way_sums_on_after_loading_to_the_same_figures(single_rank_group, router, parse):
+    """A mid-epoch checkpoint carries the router's interval in progress, the counts the host keeps included."""
+    gate_pass(router, 0, [[0, 0, -1, 1]], sent=[3, 1], capacity=2, aux_loss=1.0)
+    gate_pass(router, 1, [[0, 1, 2, 3], [4, 5, -1, -1]], sent=[1] * 6 + [2] + [0] * 9, capacity=1, aux_loss=2.0)
+    resumed = Net(parse("--moe", "--num-experts", "2", "16")).router
+    for gate, saved in zip(resumed.gates, router.gates):
+        gate.load_state_dict(saved.state_dict())  # the same weights: the same entropy
+    resumed.load_state(json.loads(json.dumps(router.state())))  # as checkpoints.client_state stores it
+    for each in (router, resumed):
+        gate_pass(each, 0, [[1, 1, 0, -1]], sent=[1, 3], capacity=2, aux_loss=3.0, tokens=8)
+    assert resumed.summarize() == router.summarize()
+    assert resumed.summarize()[0]["aux_loss"] == 0.0  # and both start the next interval from nothing
 
 
 def test_evaluation_counts_apart_from_training(single_rank_group, router):
