@@ -281,6 +281,8 @@ def step_costs(rounds, steps=100, toy=False):
         bare = deepspeed.initialize(args=args, model=bare_net, model_parameters=bare_net.parameters(), config=config)[0]
         engine, trainloader = script.build_engine(args, config, trainset)  # the fixes, the router, the sampler
         batches = list(trainloader)
+        plain_loader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True,
+                                                   collate_fn=data.collate_fn(trainset))  # as bench/plain_loop.py's
         net = script.Net(args).to(engine.device)
         adam = config["optimizer"]["params"]
         optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
@@ -313,7 +315,8 @@ def step_costs(rounds, steps=100, toy=False):
             deepspeed.comm.barrier()  # every rank starts the block together
             start = time.perf_counter()
             with log.epoch(0) if "loss and throughput bookkeeping" in on else contextlib.nullcontext():
-                source = trainloader if "the sampler and loader" in on else batches
+                source = trainloader if "the sampler and loader" in on else \
+                    plain_loader if "torch's DataLoader" in on else batches
                 for i, (inputs, labels) in enumerate(source):
                     loss = plain(inputs, labels) if rows == 0 else script.train_step(model, criterion, inputs, labels)
                     if "loss and throughput bookkeeping" in on:
@@ -357,7 +360,8 @@ ROWS = [  # (piece, note): each row adds one to the rows before it; the first is
     ("the preemption agreement", "a post and a read every preemption.CHECK_EVERY steps"),
     ("the progress bar", "a terminal's only"),
     ("the monitors", "CSV; they write at log lines and epoch ends"),
-    ("the sampler and loader", "the script's, against a list of the same batches"),
+    ("torch's DataLoader", "the plain loop's, shuffled, against a list of the same batches"),
+    ("the sampler and loader", "the script's in its place: DeepSpeed's loader, a sampler --resume can start mid-epoch"),
 ]
 
 
