@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import os
 import re
@@ -248,6 +249,18 @@ def signal_when(cmd, cwd, seen, act):
     assert acted, f"never acted; the run printed:\n{''.join(output)[-3000:]}"
     output.append(finish(launcher)[0])
     return Run(subprocess.CompletedProcess(cmd, launcher.returncode, "".join(output))), gone
+
+
+@contextlib.contextmanager
+def paused(launcher):
+    """Every process of the session start() began for `launcher` stopped (SIGSTOP) for the block, so that what
+    the block does (fill a disk, send a signal) lands between two of the run's steps, however late this machine
+    acts on the line it saw."""
+    os.killpg(launcher.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(launcher.pid, signal.SIGCONT)
 
 
 def rank_pid(output, rank):

@@ -21,7 +21,7 @@ import torch
 import cifar10_deepspeed
 from cifar10ds import checkpoints, model_files, options, preemption
 from cifar10ds.launch import free_port
-from conftest import ROOT, children, is_running, launch_env, metric, rank_pid, run_command, signal_when
+from conftest import ROOT, children, is_running, launch_env, metric, paused, rank_pid, run_command, signal_when
 from test_launch import Nodes, script
 from train_cells import engine_of
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
@@ -477,15 +477,18 @@ def test_a_disk_full_at_a_signals_save_loses_nothing_and_export_onto_it_is_one_l
     checkpoint is removed, 'latest' still names epoch 1; export_model.py onto the full disk says so and leaves no
     file; once there is room, --resume trains to the end."""
     ckpt = small_disk.path / "ckpt"
-    cmd = ["python", script, "--deepspeed", *SMALL, "--log-interval", "10", "--save-dir", ckpt]
+    steps = 300  # an epoch: the run stops well inside epoch 2, however late this machine acts on its line
+    cmd = ["python", script, "--deepspeed", *SMALL, "--synthetic-train-size", str(16 * steps), "--log-interval", "10",
+           "--save-dir", ckpt]
 
     def full_then_sigterm(launcher, _):
-        small_disk.fill()
-        launcher.send_signal(signal.SIGTERM)
+        with paused(launcher):
+            small_disk.fill()
+            launcher.send_signal(signal.SIGTERM)
     run, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 2,    10] loss:"), full_then_sigterm)
-    # the run stops at the second agreement check after the signal, which filling the disk delays by some steps
+    # the run stops at the second agreement check after the signal
     stopped = re.search(rf"^error: could not save checkpoint {re.escape(str(ckpt))}/epoch2-step(\d+) ", run.output, re.M)
-    assert stopped and int(stopped[1]) % preemption.CHECK_EVERY == 0 and int(stopped[1]) < 60, run.output[-3000:]
+    assert stopped and int(stopped[1]) % preemption.CHECK_EVERY == 0 and int(stopped[1]) < steps, run.output[-3000:]
     could_not_save(run, ckpt / f"epoch2-step{stopped[1]}", ckpt / "epoch1")
     assert sorted(os.listdir(ckpt)) == [checkpoints.RUN_LOCK, "epoch1", "latest"]
     assert (ckpt / "latest").read_text() == "epoch1"
@@ -510,9 +513,12 @@ def test_a_disk_that_fills_inside_torch_save_on_two_ranks_loses_no_finished_epoc
     partial checkpoint is removed, and --resume continues from epoch 1 to the end."""
     ckpt = small_disk.path / "ckpt"
     cmd = ["deepspeed", "--num_gpus", "2", script, "--deepspeed", *SMALL, "-e", "2", "--stage", "1",
-           "--log-interval", "10", "--save-dir", ckpt]
-    run, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 2,    10] loss:"),
-                         lambda *_: small_disk.fill(leave=32 * 1024))
+           "--synthetic-train-size", "3200", "--log-interval", "10", "--save-dir", ckpt]  # 100 steps an epoch
+
+    def fill(launcher, _):
+        with paused(launcher):  # the disk fills before epoch 2's save, however late this machine acts on the line
+            small_disk.fill(leave=32 * 1024)
+    run, _ = signal_when(cmd, tmp_path, lambda line: line.startswith("[ 2,    10] loss:"), fill)
     could_not_save(run, ckpt / "epoch2", ckpt / "epoch1")
     assert sorted(name for name in os.listdir(ckpt) if name.startswith("epoch")) == ["epoch1"]
     assert (ckpt / "latest").read_text() == "epoch1"
