@@ -259,6 +259,8 @@ def step_costs(rounds, steps=100, toy=False):
     world, nvml_check = deepspeed.comm.get_world_size(), os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     criterion, metrics_dir = torch.nn.CrossEntropyLoss(), tempfile.mkdtemp(prefix="costs-")
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    if toy and world > 1:
+        sys.exit("bench/throughput.py: error: --toy-net is dense, so one rank: run it without a launcher")
     if toy:
         script.Net = toy_net
     shapes = {"dense (toy net)" if toy else "dense": [], **({} if toy else {"MoE": MOE})} if world == 1 else {
