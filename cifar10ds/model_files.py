@@ -63,7 +63,10 @@ def load(path):
         if wanted:
             raise ModelFileError(f"{path} wants {wanted.group(1)} to be loaded, which no checkpoint of this script "
                                  f"holds: refused unread, as loading it could run its code")
-        raise ModelFileError(f"cannot read {path}: not a file torch.save wrote ({machine.first_line(e)})")
+        # torch's message opens with advice to load with weights_only=False: give only what its unpickler found
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        raise ModelFileError(f"cannot read {path}: not a file torch.save wrote "
+                             f"({found.group(1) if found else machine.first_line(e)})")
     except (OSError, RuntimeError, EOFError, ValueError) as e:  # missing, truncated, not torch.save's
         raise ModelFileError(f"cannot read {path}: {type(e).__name__}: {machine.first_line(e)}")
 

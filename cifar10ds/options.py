@@ -306,17 +306,20 @@ def refuse(reason):
 
 
 def refuse_bad_input(args, config):
-    """Refuse flags, a config, a --save-dir or a --data-dir that cannot run, in one line on every rank."""
+    """Refuse flags, a config or a folder that cannot run, in one line on every rank."""
     reason = check_args(args, config, launch.world_size()) or check_directories(args)
     if reason:
         refuse(reason)
 
 
 def check_directories(args):
-    """Why --save-dir cannot hold checkpoints or --data-dir cannot hold CIFAR-10, or None. Each must be a
-    directory this rank can write to (it is made if missing), unless the data is there already: a read-only
-    copy of CIFAR-10 is fine."""
-    wanted = [("--save-dir", args.save_dir, "cannot hold checkpoints")] if args.save_dir else []
+    """Why --save-dir cannot hold checkpoints, --metrics-dir or --tensorboard-dir the monitors' files, or --data-dir
+    CIFAR-10, or None. Each must be a directory this rank can write to (it is made if missing), unless the data is
+    there already: a read-only copy of CIFAR-10 is fine."""
+    wanted = [(flag, folder, cannot) for flag, folder, cannot in (
+        ("--save-dir", args.save_dir, "cannot hold checkpoints"),
+        ("--metrics-dir", args.metrics_dir, "cannot hold the metrics"),
+        ("--tensorboard-dir", args.tensorboard_dir, "cannot hold TensorBoard's files")) if folder]
     if args.dataset == "cifar10" and not os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py")):
         wanted.append(("--data-dir", args.data_dir, "cannot hold the CIFAR-10 download"))
     for flag, folder, cannot in wanted:

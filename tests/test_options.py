@@ -392,12 +392,17 @@ def test_a_config_deepspeed_refuses_stops_every_rank_with_one_line_before_any_wo
     assert "Traceback" not in run.output and "loss:" not in run.output
 
 
-def test_a_save_dir_or_data_dir_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_path):
-    """Checked at the start, not when the first epoch ends: a path that is a file, or lies under one."""
+def test_a_folder_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_path):
+    """Checked at the start, not when the first epoch ends (or, for the monitors, when DeepSpeed makes them, with a
+    traceback): a path that is a file, or lies under one."""
     (tmp_path / "file").write_text("")
     file = tmp_path / "file"
     cases = [(["--save-dir", str(file)], f"--save-dir {file} cannot hold checkpoints: it is a file, not a directory"),
              (["--save-dir", str(file / "ckpt")], f"--save-dir {file / 'ckpt'} cannot hold checkpoints: Not a directory"),
+             (["--metrics-dir", str(file)], f"--metrics-dir {file} cannot hold the metrics: it is a file, not a "
+                                            f"directory"),
+             (["--tensorboard-dir", str(file / "tb")], f"--tensorboard-dir {file / 'tb'} cannot hold TensorBoard's "
+                                                       f"files: Not a directory"),
              (["--data-dir", str(file)], f"--data-dir {file} cannot hold the CIFAR-10 download: it is a file, not a "
                                          f"directory")]
     for flags, expected in cases:
