@@ -94,6 +94,21 @@ def test_the_tensor_path_feeds_the_pil_paths_batches_bit_for_bit(parse, monkeypa
                 assert torch.equal(labels, expected_labels)
 
 
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_the_loader_pins_batches_only_for_an_accelerators_memory(parse, monkeypatch, recwarn, accelerator):
+    """DeepSpeed asks its loader to pin always; on a CPU run torch warned about it at every run and pinned nothing.
+    Where torch finds an accelerator (stood in for here: no GPU), the batches are pinned as DeepSpeed asks."""
+    trainset, _ = load_datasets(parse("--dataset", "synthetic", "--synthetic-train-size", "32"), download=False)
+    loader = DeepSpeedDataLoader(trainset, batch_size=16, pin_memory=True, local_rank=0, tput_timer=None,
+                                 collate_fn=data.collate_fn(trainset), num_local_io_workers=0,
+                                 data_parallel_world_size=1, data_parallel_rank=0)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator)
+    data.prepare_loader(loader, parse("--dataset", "synthetic"))
+    assert loader.pin_memory is accelerator
+    if not accelerator:
+        assert len(list(loader)) == 2 and not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
 def printed_results(run):
     """Every line the script prints about training and testing, less what depends on the machine's speed."""
     lines = [line for line in run.output.splitlines() if re.match(r"\[ *\d+, +\d+\] |Accuracy of|\[\d+\] accuracy", line)]
