@@ -181,6 +181,7 @@ def build_engine(args, config, trainset):
     fixes.scale_the_fp16_loss(model_engine)  # DeepSpeed#8393: fp16 without ZeRO, or every update is 32768x too small
     fixes.clip_by_the_global_norm(model_engine)  # DeepSpeed#8475: fp32 without ZeRO, or EP clips by the wrong norm
     fixes.skip_the_gradient_all_reduce_on_one_rank(model_engine)  # the same sums, a tenth of a CPU step less
+    metrics.train_on_when_the_monitors_cannot_write(model_engine, args)  # a full disk turns them off, in one line
 
     if args.init_from and args.moe and (problem := model_files.check_expert_ranks(args)):
         machine.stop(f"error: --init-from: {problem}", every_rank=True)

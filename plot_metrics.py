@@ -11,8 +11,10 @@ and aux loss, all against training samples seen.
 import argparse
 import csv
 import glob
+import io
 import os
 import re
+import sys
 
 import matplotlib
 
@@ -24,10 +26,22 @@ def read_csv(path):
     """A DeepSpeed CSV monitor file as (steps, values), in step order.
 
     A resumed run appends to the same files under a new header and writes the
-    steps of the epoch it repeats again: the later value of a step wins.
+    steps of the epoch it repeats again: the later value of a step wins. A row
+    that a full disk or a kill cut short (with the header appended to it on
+    resume) is left out, and said so.
     """
+    values, torn = {}, 0
     with open(path) as f:
-        values = {float(step): float(value) for step, value in csv.reader(f) if step != "step"}
+        for row in csv.reader(f):
+            try:
+                step, value = map(float, row)
+            except ValueError:  # a header, or a torn row
+                torn += row[:1] != ["step"]
+                continue
+            values[step] = value
+    if torn:
+        print(f"plot_metrics.py: note: left out {torn} row(s) of {path} that are not step,value (a write cut "
+              f"short)", file=sys.stderr)
     steps = sorted(values)
     return steps, [values[s] for s in steps]
 
@@ -112,9 +126,29 @@ def plot(metrics_dir, output):
 
     axes[-1].set_xlabel("training samples")
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
+    output = save(fig, str(output))
     print(f"wrote {output}")
     return fig
+
+
+def save(fig, output):
+    """Write the figure whole, in the format its name's suffix says (a name without one gets .png, as matplotlib
+    gives it): a folder that is missing or full, or a format matplotlib cannot write, is one line, and leaves any
+    older file as it was. Returns the name written."""
+    suffix = os.path.splitext(output)[1][1:]
+    output = output if suffix else f"{output}.png"
+    image = io.BytesIO()
+    partial = f"{output}.tmp"
+    try:
+        fig.savefig(image, format=suffix or "png", dpi=100)
+        with open(partial, "wb") as f:
+            f.write(image.getvalue())
+        os.replace(partial, output)
+    except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not know
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise SystemExit(f"plot_metrics.py: error: could not write {output} ({getattr(e, 'strerror', None) or e})")
+    return output
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import functools
 import math
 import statistics
 import sys
+import threading
 import time
 
 import deepspeed.comm as dist
@@ -51,6 +52,44 @@ def add_monitors(config, args):
     for key, folder in (("csv_monitor", args.metrics_dir), ("tensorboard", args.tensorboard_dir)):
         if folder:
             config[key] = {"enabled": True, "output_path": folder, "job_name": "cifar10"}
+
+
+def train_on_when_the_monitors_cannot_write(model_engine, args):
+    """A monitor's write that fails (a full disk, a quota) turns the monitors off with one line, and training goes
+    on: without this, DeepSpeed's OSError ends the run, mid-epoch, with what it trained since the last checkpoint.
+    Rank 0 alone writes them; every series ends at the step the line names."""
+    monitor = model_engine.monitor
+    write = monitor.write_events
+    if monitor.tb_monitor is not None:
+        quiet_tensorboards_writer_thread()
+    folders = " and ".join(f"{flag} {folder}" for flag, folder in (("--metrics-dir", args.metrics_dir),
+                                                                   ("--tensorboard-dir", args.tensorboard_dir)) if folder)
+
+    def write_events(events):
+        try:
+            write(events)
+        except OSError as e:
+            monitor.enabled = False  # DeepSpeed's engine writes the learning rate every step while enabled
+            monitor.write_events = lambda events: None
+            print(f"warning: the monitors cannot write to {folders} ({e.strerror}): they are off from step "
+                  f"{model_engine.global_steps} on, and training goes on", flush=True)
+
+    monitor.write_events = write_events
+
+
+def quiet_tensorboards_writer_thread():
+    """Leave a write error of TensorBoard's writer thread to the monitors' own line: the thread prints a traceback
+    of it, and the next flush in the main thread, at once in DeepSpeed's monitor, raises the same error."""
+    from tensorboard.summary.writer import event_file_writer  # loaded by DeepSpeed's monitor, with --tensorboard-dir
+
+    writer_thread = getattr(event_file_writer, "_AsyncWriterThread", ())  # another TensorBoard: its traceback shows
+    excepthook = threading.excepthook
+
+    def quiet(args):
+        if not (isinstance(args.thread, writer_thread) and issubclass(args.exc_type, OSError)):
+            excepthook(args)
+
+    threading.excepthook = quiet
 
 
 LEVERS = ("balance the router with --moe-aux-loss-coef 0.01 or --noisy-gate-policy RSample, or keep the tokens "

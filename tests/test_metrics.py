@@ -22,7 +22,8 @@ from cifar10_deepspeed import Net
 from cifar10ds import metrics
 from cifar10ds.data import CLASSES
 from cifar10ds.metrics import accuracy_lines, loss_line
-from conftest import finish, metric, start
+import plot_metrics
+from conftest import ROOT, finish, metric, start
 
 
 @pytest.mark.parametrize("epoch, batch, loss, line", [
@@ -336,6 +337,32 @@ def test_a_resumed_run_continues_the_tensorboard_series(launch, script, tmp_path
         assert [step for step, _ in board[tag]] == list(range(16, 1601, 16)), tag  # no step lost, none twice
     assert [step for step, _ in board["Train/Epoch/seconds"]] == [1, 2]
     assert len(board["Train/Samples/samples_per_sec"]) == 10
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_monitors_turns_them_off_in_one_line_and_training_goes_on(launch, script, small_disk,
+                                                                                         tmp_path):
+    """The monitors' disk holds 64 KiB, for real (a tmpfs), and fills in the run: one line says so and from which
+    step, with no traceback (TensorBoard's writer thread's neither); training, its lines and its checkpoints (on
+    another disk) go on to the end. The CSV series end at that step, and plot_metrics.py draws them."""
+    small_disk.fill(leave=64 * 1024)
+    csv_dir, tb_dir = small_disk.path / "csv", small_disk.path / "tb"
+    run = launch("python", script, *SYNTHETIC, "--dtype", "fp32", "-e", "2", "--synthetic-train-size", "6400",
+                 "--metrics-dir", csv_dir, "--tensorboard-dir", tb_dir, "--save-dir", tmp_path / "ckpt")
+    assert run.returncode == 0 and "Traceback" not in run.output, run.output[-3000:]
+    warnings = [line for line in run.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, run.output[-3000:]
+    off = re.fullmatch(rf"warning: the monitors cannot write to --metrics-dir {csv_dir} and --tensorboard-dir "
+                       rf"{tb_dir} \(No space left on device\): they are off from step (\d+) on, and training goes on",
+                       warnings[0])
+    assert off and int(off[1]) < 800, warnings  # 400 steps an epoch
+    assert "[ 2,   400] loss:" in run.output and "Finished Training" in run.output
+    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch2"
+    samples, _ = plot_metrics.read_csv(csv_dir / "cifar10" / "Train_Samples_lr.csv")
+    assert 16 * (int(off[1]) - 1) <= samples[-1] <= 16 * int(off[1])
+    plotted = subprocess.run([sys.executable, ROOT / "plot_metrics.py", csv_dir, "-o", tmp_path / "metrics.png"],
+                             capture_output=True, text=True)
+    assert plotted.returncode == 0 and (tmp_path / "metrics.png").exists(), plotted.stderr
 
 
 def run_in_terminal(cmd, cwd):

@@ -392,7 +392,7 @@ def test_a_config_deepspeed_refuses_stops_every_rank_with_one_line_before_any_wo
     assert "Traceback" not in run.output and "loss:" not in run.output
 
 
-def test_a_folder_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_path):
+def test_a_folder_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_path, capsys, monkeypatch):
     """Checked at the start, not when the first epoch ends (or, for the monitors, when DeepSpeed makes them, with a
     traceback): a path that is a file, or lies under one."""
     (tmp_path / "file").write_text("")
@@ -411,3 +411,7 @@ def test_a_folder_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_
     assert check_directories(parse("--dataset", "synthetic", "--data-dir", str(file))) is None  # no download
     assert check_directories(parse("--save-dir", str(tmp_path / "new" / "ckpt"))) is None
     assert (tmp_path / "new" / "ckpt").is_dir()
+    monkeypatch.setenv("RANK", "1")  # any rank, before any distributed work
+    with pytest.raises(SystemExit) as exit_info:
+        main(parse("--metrics-dir", str(file)))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"cifar10_deepspeed.py: error: {cases[2][1]}\n"

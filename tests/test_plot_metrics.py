@@ -1,7 +1,10 @@
 """plot_metrics.py: the PNG of a --metrics-dir run (a real run's PNG is drawn in test_launch.py)."""
 
 import math
+import os
 import random
+
+import pytest
 
 import plot_metrics
 
@@ -57,3 +60,27 @@ def test_each_moe_layer_gets_its_tokens_drops_fill_entropy_and_aux_loss(tmp_path
     assert labels(kept) == ["expert 0", "expert 1", "entropy", "aux loss"]
     assert list(sent.get_lines()[2].get_ydata()) == [0.1] * 3
     assert len(fig.axes[4].get_lines()) == 18 and fig.axes[5].get_ylabel() == "layer 1 fill of capacity"
+
+
+def test_a_row_cut_short_is_left_out_and_said_so(tmp_path, capsys):
+    """A full disk or a kill cut a row short; the resumed run's header was appended to it. The rest is read."""
+    path = tmp_path / "Train_Samples_train_loss.csv"
+    path.write_text("step,train_loss\r\n16,1.5\r\n32,1.25\r\n4\r\n48,9.0\r\n4step,train_loss\r\n48,1.0\r\n64,0.5\r\n")
+    assert plot_metrics.read_csv(str(path)) == ([16, 32, 48, 64], [1.5, 1.25, 1.0, 0.5])
+    assert capsys.readouterr().err == (f"plot_metrics.py: note: left out 2 row(s) of {path} that are not step,value "
+                                       f"(a write cut short)\n")
+
+
+def test_a_png_that_cannot_be_written_is_one_line_and_a_name_without_a_suffix_gets_png(tmp_path):
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    write_metric(folder, "Train_Samples_lr", [(16, 0.001), (32, 0.001)])
+    (tmp_path / "file").write_text("")
+    for output, reason in ((tmp_path / "file" / "m.png", "Not a directory"),
+                           (tmp_path / "m.foo", "Format 'foo' is not supported")):
+        with pytest.raises(SystemExit) as stop:
+            plot_metrics.plot(str(folder), output)
+        assert str(stop.value).startswith(f"plot_metrics.py: error: could not write {output} ({reason}")
+    assert sorted(os.listdir(tmp_path)) == ["file", "metrics"]  # no part of a file left
+    plot_metrics.plot(str(folder), tmp_path / "m")
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
