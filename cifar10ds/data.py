@@ -4,6 +4,7 @@ mid-way (docs/data.md)."""
 
 import functools
 import itertools
+import os
 
 import deepspeed.comm as dist
 import torch
@@ -106,8 +107,10 @@ def test_set(args):
 
 
 def not_downloaded(args, error):
-    """The line of a CIFAR-10 that is neither in --data-dir nor downloadable, and the ways on."""
-    return (f"error: CIFAR-10 is not in {args.data_dir} and could not be downloaded ({error}). Place "
+    """The line of a CIFAR-10 that is neither in --data-dir, whole, nor downloadable, and the ways on."""
+    damaged = os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py"))  # torchvision checked its files
+    state = f"in {args.data_dir} is damaged or incomplete and" if damaged else f"is not in {args.data_dir} and"
+    return (f"error: CIFAR-10 {state} could not be downloaded ({error}). Place "
             f"{CIFAR10_ARCHIVE} (from {CIFAR10_URL}) in {args.data_dir}, or train offline on generated data with "
             f"--dataset synthetic.")
 

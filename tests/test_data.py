@@ -147,6 +147,17 @@ def test_missing_cifar10_offline_stops_every_rank_with_one_message_and_leaves_no
     assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
 
 
+def test_a_damaged_copy_is_named_as_such_not_as_missing(parse, tmp_path):
+    """torchvision finds a file of the unpacked set missing or wrong (its md5), and the download fails."""
+    args = parse("--data-dir", str(tmp_path))
+    assert data.not_downloaded(args, "offline").startswith(f"error: CIFAR-10 is not in {tmp_path} and could not ")
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert data.not_downloaded(args, "offline") == (
+        f"error: CIFAR-10 in {tmp_path} is damaged or incomplete and could not be downloaded (offline). Place "
+        f"cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) in {tmp_path}, or train offline "
+        f"on generated data with --dataset synthetic.")
+
+
 DATA_ERROR = re.compile(r"^error: CIFAR-10 is not in \S+ and could not be downloaded \((.*)\)\. Place ")
 
 
