@@ -200,7 +200,14 @@ def latest(args, model_engine):
             return None, None
         machine.stop(f"error: --resume: no checkpoint in {args.save_dir} (it has no 'latest' file)")
     with open(path) as f:
-        path = os.path.join(args.save_dir, f.read().strip())
+        tag = f.read().strip()
+    path = os.path.join(args.save_dir, tag)
+    if not tag or not os.path.isdir(path):
+        tags = sorted((t for t in os.listdir(args.save_dir) if CHECKPOINT_TAG.match(t)), key=checkpoint_order)
+        what = f"names {tag}, which is not there" if tag else "is empty"
+        machine.stop(f"error: --resume: 'latest' in {args.save_dir} {what}; " + (
+            f"write the name of one of its checkpoints into it ({', '.join(tags)}) to resume from there" if tags else
+            "it holds no checkpoint"))
     try:
         with open(os.path.join(path, "run.json")) as f:
             saved = json.load(f)

@@ -427,6 +427,20 @@ def test_resume_auto_starts_afresh_where_there_is_no_checkpoint(single_rank_grou
     assert capsys.readouterr().out == f"--resume auto: no checkpoint in {tmp_path} yet, so training starts at epoch 1\n"
 
 
+def test_a_latest_that_names_no_checkpoint_says_which_there_are(single_rank_group, parse, tmp_path, capsys):
+    """'latest' edited by hand, or its checkpoint deleted: one line naming what is there, before DeepSpeed reads."""
+    args = parse("--deepspeed", *SMALL, "--save-dir", str(tmp_path), "--resume")
+    for tag in ("epoch1", "epoch2-step8"):
+        (tmp_path / tag).mkdir()
+    for latest, what in (("epoch9\n", "names epoch9, which is not there"), ("", "is empty")):
+        (tmp_path / "latest").write_text(latest)
+        with pytest.raises(SystemExit) as stop:
+            cifar10_deepspeed.resume(None, args)
+        assert stop.value.code == 1 and capsys.readouterr().err == (
+            f"error: --resume: 'latest' in {tmp_path} {what}; write the name of one of its checkpoints into it "
+            f"(epoch1, epoch2-step8) to resume from there\n")
+
+
 def test_keep_last_2_over_5_epochs_leaves_2_checkpoints_and_best(single_rank_group, parse, tmp_path, monkeypatch):
     """Each save prunes all but the newest 2, never what 'latest' or 'best' names; best follows the highest
     accuracy of the epochs evaluated, here that of epoch 2."""
