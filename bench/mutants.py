@@ -203,6 +203,8 @@ MUTANTS = [
     ("checkpoint files are read with weights_only=False", FILES,
      'return torch.load(path, map_location="cpu", weights_only=True)',
      'return torch.load(path, map_location="cpu", weights_only=False)', [MODEL_FILES, "-k", "runs_code"]),
+    ("a 'latest' naming no checkpoint is taken for a checkpoint without run.json", CHECKPOINT,
+     "    if not tag or not os.path.isdir(path):", "    if False:", [CHECKPOINTS, "-k", "names_no_checkpoint"]),
     ("--resume hands DeepSpeed files it has not read safely", CHECKPOINT, "        model_files.check_files(path)  #",
      "        pass  #", [MODEL_FILES, "-k", "runs_code"]),
     ("--save-dir and --data-dir are not checked at the start", CONFIG,
