@@ -71,7 +71,7 @@ def train_on_when_the_monitors_cannot_write(model_engine, args):
         except OSError as e:
             monitor.enabled = False  # DeepSpeed's engine writes the learning rate every step while enabled
             monitor.write_events = lambda events: None
-            print(f"warning: the monitors cannot write to {folders} ({e.strerror}): they are off from step "
+            print(f"warning: the monitors cannot write to {folders} ({e.strerror or e}): they are off from step "
                   f"{model_engine.global_steps} on, and training goes on", flush=True)
 
     monitor.write_events = write_events
