@@ -84,6 +84,8 @@ MUTANTS = [
     # data
     ("every rank downloads", SCRIPT, "datasets = data.load_datasets(args, download=first_on_node)",
      "datasets = data.load_datasets(args, download=True)", [DATA, "-k", "download"]),
+    ("a download that stalls hangs the run", DATASETS, "    with stalls_bounded(args) if download else contextlib",
+     "    with contextlib", [DATA, "-k", "stalls"]),
     ("a CPU run's loader asks torch to pin its batches, and torch warns", DATASETS,
      "trainloader.pin_memory = trainloader.pin_memory and torch.accelerator.is_available()",
      "trainloader.pin_memory = trainloader.pin_memory", [DATA, "-k", "pins"]),

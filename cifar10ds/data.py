@@ -2,9 +2,11 @@
 path) or through torchvision's per-image transforms (the PIL path), and the sampler a resumed epoch starts
 mid-way (docs/data.md)."""
 
+import contextlib
 import functools
 import itertools
 import os
+import socket
 
 import deepspeed.comm as dist
 import torch
@@ -19,6 +21,7 @@ CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the reference's Normalize
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DOWNLOAD_STALL = 60  # seconds a download may go without receiving anything
 
 
 class SyntheticCIFAR10(torch.utils.data.Dataset):
@@ -89,7 +92,27 @@ def split(args, train, download, transform=None):
     if args.dataset == "synthetic":
         size = args.synthetic_train_size if train else args.synthetic_test_size
         return SyntheticCIFAR10(size, train=train, transform=transform)
-    return torchvision.datasets.CIFAR10(root=args.data_dir, train=train, download=download, transform=transform)
+    with stalls_bounded(args) if download else contextlib.nullcontext():
+        return torchvision.datasets.CIFAR10(root=args.data_dir, train=train, download=download, transform=transform)
+
+
+def longest_stall(args):
+    """DOWNLOAD_STALL seconds, or --dist-timeout where that is shorter (predict.py has no such flag, no peers)."""
+    minutes = getattr(args, "dist_timeout", None)
+    return DOWNLOAD_STALL if minutes is None else min(DOWNLOAD_STALL, 60 * minutes)
+
+
+@contextlib.contextmanager
+def stalls_bounded(args):
+    """End a download that receives nothing for DOWNLOAD_STALL seconds (or --dist-timeout, if shorter) with an
+    OSError. torchvision's waits on its socket with no timeout: a server that stops sending would hang the run
+    for ever, and every rank waiting for it. A slow download that keeps receiving goes on."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(longest_stall(args))
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def load_datasets(args, download):
@@ -108,6 +131,8 @@ def test_set(args):
 
 def not_downloaded(args, error):
     """The line of a CIFAR-10 that is neither in --data-dir, whole, nor downloadable, and the ways on."""
+    if isinstance(getattr(error, "reason", error), TimeoutError):  # urllib wraps one before the response
+        error = f"nothing received for {longest_stall(args):g} s"
     damaged = os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py"))  # torchvision checked its files
     state = f"in {args.data_dir} is damaged or incomplete and" if damaged else f"is not in {args.data_dir} and"
     return (f"error: CIFAR-10 {state} could not be downloaded ({error}). Place "

@@ -54,9 +54,19 @@ def make_archive(folder, train_per_batch=1000, test_size=1000):
 
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files, counts each one sent whole, and logs nothing."""
+    """Serves files, counts each one sent whole, and logs nothing. Under /stall/ it sends a file's headers and its
+    first bytes, then nothing more until the server closes: a server that stopped sending."""
 
     def do_GET(self):
+        if self.path.startswith("/stall/"):
+            content = (self.server.folder / self.path.removeprefix("/stall/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content[:4096])
+            self.wfile.flush()
+            self.server.closing.wait()
+            return
         try:
             super().do_GET()
         except ConnectionError:
@@ -74,6 +84,7 @@ class Server:
         handler = functools.partial(CountingHandler, directory=str(folder))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.downloads = collections.Counter()  # URL path: times sent whole
+        self.httpd.folder, self.httpd.closing = folder, threading.Event()
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
         self.checksums = checksums
@@ -89,5 +100,6 @@ class Server:
         return self.httpd.downloads[path]
 
     def close(self):
+        self.httpd.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -4,6 +4,7 @@ unpacks a CIFAR-format archive the tests make (tests/cifar_files.py) from a serv
 corrupt download, every rank stops with one line."""
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,19 @@ def test_download_checks_and_unpacks_cifar10_and_trains(tmp_path, cifar10_server
     assert cifar10_server.downloads() == before + 1  # by rank 0 alone
     assert holds_cifar10(tmp_path)
     assert "Accuracy of the network on the 1000 test images: " in run.output
+
+
+@pytest.mark.slow
+def test_a_download_that_stalls_ends_in_one_line(tmp_path, cifar10_server):
+    """The server sends the archive's first 4 KiB, then nothing, and holds the connection open: the run ends
+    once nothing came for --dist-timeout (3 s here; 60 s at most), in one line, with nothing unpacked."""
+    started = time.monotonic()
+    run = run_command(["python", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dtype", "fp32", *ONE_EPOCH,
+                       "--dist-timeout", "0.05"], tmp_path, env=cifar10_server.env(f"stall/{ARCHIVE}"), timeout=120)
+    assert run.returncode == 1 and time.monotonic() - started < 30, run.output[-3000:]
+    errors = error_lines(run)
+    assert len(errors) == 1 and DATA_ERROR.match(errors[0]).group(1) == "nothing received for 3 s", errors
+    assert "Traceback" not in run.output and not (tmp_path / "data" / "cifar-10-batches-py").exists()
 
 
 @pytest.mark.slow
