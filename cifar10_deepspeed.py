@@ -138,24 +138,26 @@ class Net(nn.Module):
 
 def load_data(args):
     """The training and test sets. CIFAR-10 is downloaded once per data directory, global rank 0 first, while
-    every other rank waits; then the first rank of each other node (which finds a shared directory complete);
-    then the rest. A failure on any node stops every rank with one line. Generated data needs no download."""
+    every other rank waits, however long it takes; then the first rank of each other node (which finds a shared
+    directory complete); then the rest. A failure on any node stops every rank with one line. Generated data
+    needs no download."""
     if args.dataset == "synthetic":
         return data.load_datasets(args, download=False)
     first_on_node = launch.local_rank() == 0
     turns = (dist.get_rank() == 0, first_on_node and dist.get_rank() != 0, not first_on_node)
+
+    def load():
+        try:
+            return data.load_datasets(args, download=first_on_node), None
+        except (OSError, RuntimeError) as e:
+            return None, data.not_downloaded(args, e)
+
     datasets = None
     for my_turn in turns:
-        error = None
-        if my_turn:
-            try:
-                datasets = data.load_datasets(args, download=first_on_node)
-            except (OSError, RuntimeError) as e:
-                error = data.not_downloaded(args, e)
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)  # also the barrier that ends this turn
-        if any(errors):
-            machine.stop(next(e for e in errors if e))
+        loaded, error = machine.take_turn(load, my_turn, machine.dist_timeout(args))
+        if error:
+            machine.stop(error)
+        datasets = loaded if my_turn else datasets
     return datasets
 
 

@@ -82,8 +82,10 @@ MUTANTS = [
     ("TensorBoard's writer thread prints its traceback of a full disk", LINES,
      "    if monitor.tb_monitor is not None:\n        quiet", "    if False:\n        quiet", [METRICS, "-k", "full_disk"]),
     # data
-    ("every rank downloads", SCRIPT, "datasets = data.load_datasets(args, download=first_on_node)",
-     "datasets = data.load_datasets(args, download=True)", [DATA, "-k", "download"]),
+    ("every rank downloads", SCRIPT, "return data.load_datasets(args, download=first_on_node), None",
+     "return data.load_datasets(args, download=True), None", [DATA, "-k", "download"]),
+    ("the other ranks wait out a download in one collective, which times out", ACCELERATOR,
+     "working = my_turn and not done.wait(beat)", "working = my_turn and not done.wait()", [DATA, "-k", "slower"]),
     ("a download that stalls hangs the run", DATASETS, "    with stalls_bounded(args) if download else contextlib",
      "    with contextlib", [DATA, "-k", "stalls"]),
     ("a CPU run's loader asks torch to pin its batches, and torch warns", DATASETS,

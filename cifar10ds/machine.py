@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -97,6 +98,37 @@ def dist_timeout(args):
     if args.dist_timeout is None:
         return deepspeed.constants.default_pg_timeout
     return datetime.timedelta(minutes=args.dist_timeout)
+
+
+def take_turn(work, my_turn, timeout):
+    """Run work() -> (result, a line or None) on the ranks whose turn it is, while every other rank waits; return
+    this rank's result and the first rank's line, on every rank, so that all stop alike.
+
+    The waiting ranks wait in collectives of at most a quarter of `timeout` (10 s at most), each answered by the
+    working ranks as work() goes on in a thread of theirs: a turn that outlasts the timeout, such as a slow
+    download, ends no rank, and a rank that stops answering ends the others after `timeout`, as anywhere."""
+    beat = min(10.0, timeout.total_seconds() / 4)
+    done, outcome = threading.Event(), {}
+
+    def run():
+        try:
+            outcome["result"], outcome["line"] = work()
+        except BaseException as e:  # raised again in the main thread
+            outcome["raised"] = e
+        finally:
+            done.set()
+
+    if my_turn:
+        threading.Thread(target=run, daemon=True).start()
+    while True:
+        working = my_turn and not done.wait(beat)
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, (working, None if working else outcome.get("line")))
+        if not any(still for still, _ in states):
+            break
+    if "raised" in outcome:
+        raise outcome["raised"]
+    return outcome.get("result"), next((line for _, line in states if line), None)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import os
 import pickle
 import tarfile
 import threading
+import time
 
 import numpy as np
 
@@ -55,17 +56,27 @@ def make_archive(folder, train_per_batch=1000, test_size=1000):
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files, counts each one sent whole, and logs nothing. Under /stall/ it sends a file's headers and its
-    first bytes, then nothing more until the server closes: a server that stopped sending."""
+    first bytes, then nothing more until the server closes: a server that stopped sending. Under /slow/ it sends
+    the file in 40 parts, 0.2 s apart: a slow link that keeps sending."""
 
     def do_GET(self):
-        if self.path.startswith("/stall/"):
-            content = (self.server.folder / self.path.removeprefix("/stall/")).read_bytes()
+        if self.path.startswith(("/stall/", "/slow/")):
+            how, name = self.path.split("/")[1:]
+            content = (self.server.folder / name).read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(content)))
             self.end_headers()
-            self.wfile.write(content[:4096])
-            self.wfile.flush()
-            self.server.closing.wait()
+            if how == "stall":
+                self.wfile.write(content[:4096])
+                self.wfile.flush()
+                self.server.closing.wait()
+                return
+            size = -(-len(content) // 40)
+            for start in range(0, len(content), size):
+                self.wfile.write(content[start:start + size])
+                self.wfile.flush()
+                time.sleep(0.2)
+            self.server.downloads[self.path.lstrip("/")] += 1
             return
         try:
             super().do_GET()
