@@ -12,11 +12,20 @@
 #   LAUNCHER     the launcher to the other nodes: pdsh, openmpi, mvapich, mpich, impi or slurm (default: pdsh)
 #   NODE_RANK    this node's rank, for clusters without ssh: run the same command on every node, each
 #                with its NODE_RANK (DeepSpeed's --no_ssh --node_rank; needs HOSTFILE and MASTER_ADDR)
-#   BIND_CORES   auto (default: bind cores to ranks when numactl is installed), 1 (always) or 0 (never)
+#   BIND_CORES   auto (default: bind cores to ranks when numactl is installed and each rank gets one), 1 (always)
+#                or 0 (never)
 set -euo pipefail
 
 script="$(dirname "$0")/cifar10_deepspeed.py"
 fail() { echo "run_ds.sh: error: $*" >&2; exit 2; }
+
+for setting in NUM_NODES NUM_GPUS NODE_RANK; do
+  value="${!setting:-}"
+  least=$([[ $setting == NODE_RANK ]] && echo 0 || echo 1)
+  if [[ -n "$value" ]] && ! [[ "$value" =~ ^[0-9]+$ && 10#$value -ge $least ]]; then
+    fail "$setting must be a whole number of at least $least, got '$value'"
+  fi
+done
 
 hostfile="${HOSTFILE:-/job/hostfile}"
 if [[ -n "${HOSTFILE:-}" && ! -f "$HOSTFILE" ]]; then fail "HOSTFILE=$HOSTFILE does not exist"; fi
@@ -61,14 +70,21 @@ if [[ -n "${MASTER_PORT:-}" ]]; then launcher_args+=(--master_port "$MASTER_PORT
 if [[ -n "${LAUNCHER:-}" ]]; then launcher_args+=(--launcher "$LAUNCHER"); fi
 if [[ -n "${NODE_RANK:-}" ]]; then launcher_args+=(--no_ssh --node_rank "$NODE_RANK"); fi
 
+# DeepSpeed's launcher binds each rank to cores of its own, as psutil counts them, and asserts where there are too few
+cores=$(python3 -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)' 2>/dev/null || nproc)
+too_many=$([[ -n "${NUM_GPUS:-}" ]] && (( 10#$NUM_GPUS > cores )) && echo true || echo false)
 case "${BIND_CORES:-auto}" in
-  1) launcher_args+=(--bind_cores_to_rank) ;;
+  1)
+    if $too_many; then fail "BIND_CORES=1 needs a core for each rank: NUM_GPUS=$NUM_GPUS ranks, $cores core(s)"; fi
+    launcher_args+=(--bind_cores_to_rank) ;;
   0) echo "run_ds.sh: core binding off (BIND_CORES=0); each rank sizes its thread pool to its share of the cores" >&2 ;;
   auto)
-    if command -v numactl >/dev/null; then
-      launcher_args+=(--bind_cores_to_rank)
-    else
+    if ! command -v numactl >/dev/null; then
       echo "run_ds.sh: numactl not found, so cores are not bound to ranks; each rank sizes its thread pool to its share of the cores" >&2
+    elif $too_many; then
+      echo "run_ds.sh: NUM_GPUS=$NUM_GPUS ranks on $cores core(s), so cores are not bound to ranks; each rank sizes its thread pool to its share of the cores" >&2
+    else
+      launcher_args+=(--bind_cores_to_rank)
     fi ;;
   *) fail "BIND_CORES must be auto, 1 or 0, got '${BIND_CORES}'" ;;
 esac

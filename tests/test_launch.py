@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from cifar10ds import launch as launch_module
-from conftest import LAUNCH_TIMEOUT, MARGIN, ROOT, Run, finish, start
+from conftest import FAKE_MACHINE, LAUNCH_TIMEOUT, MARGIN, ROOT, Run, finish, start
 from test_matrix import assert_every_parameter_with_a_gradient_moves, assert_ranks_agree_and_hold_their_experts
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 # One epoch of 200 steps shows that a launch path trains (the log warm-up leaves the loss at 2.30 for the first 100);
@@ -105,6 +105,22 @@ def test_cuda_visible_devices_picks_the_gpus_of_a_run(root, tmp_path):
         "run_ds.sh: error: NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=2,3 names 2 GPU(s)\n"))
 
 
+def test_more_ranks_than_cores_run_unbound_and_binding_them_is_refused(root, tmp_path):
+    """DeepSpeed's launcher binds each rank to cores of its own and asserts, a traceback on every node, where the
+    ranks outnumber the cores: run_ds.sh leaves them unbound and says so, or refuses BIND_CORES=1 in one line."""
+    cores = psutil.cpu_count(logical=False)
+    assert run_script(root, tmp_path, "run_ds.sh", NUM_GPUS="100000", BIND_CORES="1") == (2, (
+        f"run_ds.sh: error: BIND_CORES=1 needs a core for each rank: NUM_GPUS=100000 ranks, {cores} core(s)\n"))
+    launcher_arguments(root, tmp_path)  # the stand-in launcher, in tmp_path/bin; numactl found (a stand-in if none)
+    proc = start([root / "run_ds.sh", "--dataset", "synthetic"], tmp_path, {
+        "NUM_GPUS": "100000", "PATH": f"{tmp_path / 'bin'}:{FAKE_MACHINE / 'bin'}:{os.environ['PATH']}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0 and "--bind_cores_to_rank" not in out.splitlines(), err
+    assert err == (f"run_ds.sh: NUM_GPUS=100000 ranks on {cores} core(s), so cores are not bound to ranks; each rank "
+                   f"sizes its thread pool to its share of the cores\n")
+
+
 def run_script(root, tmp_path, script, **env):
     """Run a launch script that must stop before it launches anything; return (exit status, stderr)."""
     proc = start([root / script, "--dataset", "synthetic"], tmp_path, env, stdout=subprocess.PIPE,
@@ -127,6 +143,14 @@ def test_num_nodes_beyond_the_hostfile_stops_with_one_line(root, tmp_path):
         f"run_ds.sh: error: NUM_NODES=3 but {hostfile} lists 2 node(s)\n"))
     assert run_script(root, tmp_path, "run_ds.sh", HOSTFILE=str(tmp_path / "missing")) == (2, (
         f"run_ds.sh: error: HOSTFILE={tmp_path / 'missing'} does not exist\n"))
+
+
+@pytest.mark.parametrize("setting, value, least", [("NUM_GPUS", "abc", 1), ("NUM_GPUS", "0", 1), ("NUM_NODES", "x", 1),
+                                                    ("NODE_RANK", "-1", 0)])
+def test_a_count_that_is_no_whole_number_stops_with_one_line(root, tmp_path, setting, value, least):
+    """Where bash's arithmetic said 'x: unbound variable' and DeepSpeed's launcher printed its usage."""
+    assert run_script(root, tmp_path, "run_ds_moe.sh", **{setting: value}) == (2, (
+        f"run_ds.sh: error: {setting} must be a whole number of at least {least}, got '{value}'\n"))
 
 
 def test_node_rank_needs_the_hostfile_and_the_master_address(root, tmp_path):
