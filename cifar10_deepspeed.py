@@ -154,10 +154,11 @@ def load_data(args):
 
     datasets = None
     for my_turn in turns:
-        loaded, error = machine.take_turn(load, my_turn, machine.dist_timeout(args))
+        loaded, error = machine.take_turn(load, my_turn, machine.dist_timeout(args))  # the others wait
         if error:
             machine.stop(error)
-        datasets = loaded if my_turn else datasets
+        if my_turn:
+            datasets = loaded
     return datasets
 
 
