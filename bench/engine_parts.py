@@ -2,8 +2,8 @@
 
     python bench/engine_parts.py [--rounds 20] [--steps 100]
 
-One process, fp32, the dense Net, batch 16, the same uint8 batches every row. The plain loop: torch's fused
-AdamW, clip_grad_norm_, the warm-up as a LambdaLR. Then the script's train_step on the engine build_engine
+One process, fp32, the dense Net, batch 16, the same uint8 batches every row. The plain loop's step
+(bench/plain_loop.py: torch's fused AdamW, clip_grad_norm_, the warm-up as a LambdaLR). Then the script's train_step on the engine build_engine
 makes (the fixes on), and the same with one more of DeepSpeed's parts patched out of this process a row:
 - engine.zero_grad walking module.named_parameters() every step: a list of the parameters, built once;
 - nn.Module.__setattr__ for the engine's own counters and flags (13 writes a step): object.__setattr__;
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar10_deepspeed as script  # noqa: E402
-from cifar10ds import data, fixes, launch, machine, options  # noqa: E402
-from plain_loop import warmup_lr  # noqa: E402
+from cifar10ds import fixes, launch, machine, options  # noqa: E402
+from plain_loop import plain_step  # noqa: E402
 
 ROWS = ["the plain loop", "DeepSpeed's engine and the script's fixes", "- zero_grad's walk of named_parameters()",
         "- nn.Module.__setattr__ on the engine's counters", "- the output backward hooks"]
@@ -85,20 +85,7 @@ def main():
     engine, trainloader = script.build_engine(run_args, config, trainset)
     batches, criterion, parts = list(trainloader), torch.nn.CrossEntropyLoss(), Parts(engine)
 
-    net = script.Net(run_args).to(engine.device)
-    adam, warmup = config["optimizer"]["params"], config["scheduler"]["params"]
-    optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
-                                  weight_decay=adam["weight_decay"], fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_lr(step, warmup) / adam["lr"])
-
-    def plain(inputs, labels):
-        optimizer.zero_grad()
-        loss = criterion(net(data.to_inputs(inputs, engine.device)), labels.to(engine.device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
-        optimizer.step()
-        scheduler.step()
-        return loss.detach()
+    plain = plain_step(run_args, engine.device)
 
     def block(row, steps=None):
         parts.out(max(row - 1, 0))

@@ -39,6 +39,29 @@ def warmup_lr(step, scheduler):
     return low + (high - low) * gamma
 
 
+def plain_step(net_args, device):
+    """The plain loop's Net on `device`, with its AdamW, clipping and warm-up: a step(inputs, labels) that trains
+    one batch of uint8 images and returns its loss, still on the device."""
+    net = cifar10_deepspeed.Net(net_args).to(device)
+    config = cifar10_deepspeed.get_ds_config(net_args)
+    adam, warmup = config["optimizer"]["params"], config["scheduler"]["params"]
+    optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
+                                  weight_decay=adam["weight_decay"], fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_lr(step, warmup) / adam["lr"])
+    criterion = nn.CrossEntropyLoss()
+
+    def step(inputs, labels):
+        optimizer.zero_grad()
+        loss = criterion(net(data.to_inputs(inputs, device)), labels.to(device))
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()
+
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-e", "--epochs", type=int, default=2)
@@ -57,25 +80,13 @@ def main():
                                               persistent_workers=workers > 0,
                                               collate_fn=data.collate_fn(trainset))
     device = get_accelerator().device_name(0)
-    net = cifar10_deepspeed.Net(net_args).to(device)
-    config = cifar10_deepspeed.get_ds_config(net_args)
-    adam, warmup = config["optimizer"]["params"], config["scheduler"]["params"]
-    optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
-                                  weight_decay=adam["weight_decay"], fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_lr(step, warmup) / adam["lr"])
-    criterion = nn.CrossEntropyLoss()
+    step = plain_step(net_args, device)
 
     for epoch in range(args.epochs):
         running_loss = torch.zeros((), device=device)
         interval_start = time.perf_counter()
         for i, (inputs, labels) in enumerate(trainloader):
-            optimizer.zero_grad()
-            loss = criterion(net(data.to_inputs(inputs, device)), labels.to(device))
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
-            optimizer.step()
-            scheduler.step()
-            running_loss += loss.detach()
+            running_loss += step(inputs, labels)
             if i % args.log_interval == args.log_interval - 1:
                 seconds = time.perf_counter() - interval_start
                 prefix = f"[{epoch + 1: d}, {i + 1: 5d}]"  # the reference's loss line, as the script prints it

@@ -248,6 +248,7 @@ def step_costs(rounds, steps=100, toy=False):
     import torch
     import cifar10_deepspeed as script
     from cifar10ds import data, fixes, launch, machine, metrics, options, preemption
+    from plain_loop import plain_step
 
     class Terminal(io.StringIO):  # where tqdm draws the bar, as on a person's terminal
         def isatty(self):
@@ -285,20 +286,9 @@ def step_costs(rounds, steps=100, toy=False):
         batches = list(trainloader)
         plain_loader = torch.utils.data.DataLoader(trainset, batch_size=16, shuffle=True,
                                                    collate_fn=data.collate_fn(trainset))  # as bench/plain_loop.py's
-        net = script.Net(args).to(engine.device)
-        adam = config["optimizer"]["params"]
-        optimizer = torch.optim.AdamW(net.parameters(), lr=adam["lr"], betas=adam["betas"], eps=adam["eps"],
-                                      weight_decay=adam["weight_decay"], fused=True)
+        plain = plain_step(args, engine.device)  # bench/plain_loop.py's: the Net (or toy net) and its AdamW
         hooks = [dict(gate._forward_hooks) for gate in engine.module.router.gates] if args.moe else []
         signals, csv = preemption.Preemption(), engine.monitor.csv_monitor
-
-        def plain(inputs, labels):
-            optimizer.zero_grad()
-            loss = criterion(net(data.to_inputs(inputs, engine.device)), labels.to(engine.device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config["gradient_clipping"])
-            optimizer.step()
-            return loss.detach()
 
         def block(rows):
             """Time the step of the script with the pieces of `rows` (the names of ROWS[:rows])."""
@@ -342,7 +332,7 @@ def step_costs(rounds, steps=100, toy=False):
                 after / first for after, first in zip(times[rows], times[before]))
         column[measured[0]] = statistics.median(times[measured[0]]), None
         columns.append(column)
-    names = ["plain PyTorch (fused AdamW, clip_grad_norm_)", "DeepSpeed's engine, bare"] + [
+    names = ["plain PyTorch (fused AdamW, clip_grad_norm_, the warm-up)", "DeepSpeed's engine, bare"] + [
         f"+ {name}" + (f" ({note})" if note else "") for name, note in ROWS[1:]]
     for row, name in enumerate(names):
         cells = []
