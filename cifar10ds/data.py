@@ -115,6 +115,11 @@ def stalls_bounded(args):
         socket.setdefaulttimeout(previous)
 
 
+def unpacked(args):
+    """The folder of --data-dir where torchvision unpacks CIFAR-10."""
+    return os.path.join(args.data_dir, torchvision.datasets.CIFAR10.base_folder)
+
+
 def load_datasets(args, download):
     """The training and test sets: on the tensor path uint8 ImageTensors, on the PIL path torchvision's per-image
     transforms, ToTensor and Normalize, as in the reference."""
@@ -133,7 +138,7 @@ def not_downloaded(args, error):
     """The line of a CIFAR-10 that is neither in --data-dir, whole, nor downloadable, and the ways on."""
     if isinstance(getattr(error, "reason", error), TimeoutError):  # urllib wraps one before the response
         error = f"nothing received for {longest_stall(args):g} s"
-    damaged = os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py"))  # torchvision checked its files
+    damaged = os.path.isdir(unpacked(args))  # torchvision checked its files
     state = f"in {args.data_dir} is damaged or incomplete and" if damaged else f"is not in {args.data_dir} and"
     return (f"error: CIFAR-10 {state} could not be downloaded ({error}). Place "
             f"{CIFAR10_ARCHIVE} (from {CIFAR10_URL}) in {args.data_dir}, or train offline on generated data with "

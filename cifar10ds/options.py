@@ -11,7 +11,7 @@ import tempfile
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import logger
 
-from cifar10ds import launch, machine
+from cifar10ds import data, launch, machine
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -320,7 +320,7 @@ def check_directories(args):
         ("--save-dir", args.save_dir, "cannot hold checkpoints"),
         ("--metrics-dir", args.metrics_dir, "cannot hold the metrics"),
         ("--tensorboard-dir", args.tensorboard_dir, "cannot hold TensorBoard's files")) if folder]
-    if args.dataset == "cifar10" and not os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py")):
+    if args.dataset == "cifar10" and not os.path.isdir(data.unpacked(args)):
         wanted.append(("--data-dir", args.data_dir, "cannot hold the CIFAR-10 download"))
     for flag, folder, cannot in wanted:
         if os.path.exists(folder) and not os.path.isdir(folder):
