@@ -57,7 +57,7 @@ def make_archive(folder, train_per_batch=1000, test_size=1000):
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files, counts each one sent whole, and logs nothing. Under /stall/ it sends a file's headers and its
     first bytes, then nothing more until the server closes: a server that stopped sending. Under /slow/ it sends
-    the file in 40 parts, 0.2 s apart: a slow link that keeps sending."""
+    the file in 60 parts, 0.2 s apart: a slow link that keeps sending."""
 
     def do_GET(self):
         if self.path.startswith(("/stall/", "/slow/")):
@@ -71,7 +71,7 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
                 self.wfile.flush()
                 self.server.closing.wait()
                 return
-            size = -(-len(content) // 40)
+            size = -(-len(content) // 60)
             for start in range(0, len(content), size):
                 self.wfile.write(content[start:start + size])
                 self.wfile.flush()
