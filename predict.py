@@ -6,9 +6,13 @@
 """
 
 import argparse
+import contextlib
 import os
+import signal
+import sys
 
-import deepspeed
+with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to the stdout it finds at import: stdout keeps the answers
+    import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from PIL import Image, UnidentifiedImageError
@@ -52,6 +56,7 @@ def read_image(path):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a reader that stops early (| head) ends it quietly, as it ends cat
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a model file written by export_model.py")
     parser.add_argument("images", nargs="*", help="PNG or JPEG files, any size")

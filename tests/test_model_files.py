@@ -122,6 +122,22 @@ def test_predict_prints_each_images_class_and_probability(single_rank_group, par
                         f"{CLASSES[best.indices[1]]} {100 * best.values[1]:.1f} %")
 
 
+def test_predicts_stdout_holds_its_answers_alone_and_a_reader_may_stop_early(single_rank_group, parse, tmp_path):
+    """`predict.py model.pt *.png > answers.txt` writes one line an image and nothing else (DeepSpeed logs to
+    stderr), and `| head -1` ends it as it ends cat (SIGPIPE: 141), with no traceback."""
+    saved(parse, tmp_path / "ckpt", "--dtype", "fp32")
+    torch.save(model_files.export(tmp_path / "ckpt", Net), tmp_path / "model.pt")
+    Image.fromarray(data.SyntheticCIFAR10(1, train=False).data[0]).save(tmp_path / "a.png")
+    predict_py = f"{sys.executable} {ROOT / 'predict.py'} model.pt"
+    answers = run_command(["bash", "-c", f"{predict_py} a.png a.png 2>/dev/null"], tmp_path)
+    assert answers.returncode == 0 and answers.output.splitlines() == [answers.output.splitlines()[0]] * 2
+    assert answers.output.startswith("a.png: ") and answers.output.endswith(" %\n"), answers.output
+    images = " a.png" * 4000  # more lines than a pipe holds: predict.py writes on after head has left
+    stopped = run_command(["bash", "-c", f"{predict_py}{images} | head -1; echo status ${{PIPESTATUS[0]}}"], tmp_path)
+    assert stopped.output.endswith(answers.output.splitlines()[0] + "\nstatus 141\n"), stopped.output[-3000:]
+    assert "Traceback" not in stopped.output, stopped.output[-3000:]
+
+
 def test_predict_refuses_what_is_not_a_model_file_in_one_line(tmp_path, capsys):
     (tmp_path / "model.pt").write_text("not a model")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
