@@ -238,6 +238,8 @@ def check_args(args, config, world_size):
         return "--resume continues a run and --init-from starts a new one: give one of them"
     if args.init_from and not os.path.exists(args.init_from):
         return f"--init-from: no model file or checkpoint {args.init_from}"
+    if args.seed is not None and not -2**63 <= args.seed < 2**63:
+        return f"--seed must fit in 64 bits, as torch's generators take it: from -2**63 to 2**63 - 1, got {args.seed}"
     if args.data_workers is not None and args.data_workers < 0:
         return f"--data-workers must not be negative, got {args.data_workers}"
     if args.eval_every < 0:
