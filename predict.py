@@ -71,6 +71,9 @@ def main():
         parser.error("give image files, or --test-set")
     if not 1 <= args.top_k <= len(data.CLASSES):
         parser.error(f"--top-k must be between 1 and {len(data.CLASSES)}")
+    if os.path.isdir(args.model):  # a checkpoint, most likely: the tool that makes a model file of it
+        machine.stop(f"predict.py: error: {args.model} is a directory, not a model file: make one of a checkpoint "
+                     f"with python export_model.py {args.model} -o model.pt")
     if not os.path.isfile(args.model):
         machine.stop(f"predict.py: error: no model file {args.model}")
 

@@ -150,6 +150,15 @@ def test_predict_refuses_what_is_not_a_model_file_in_one_line(tmp_path, capsys):
         assert err.startswith(f"predict.py: error: {reason.format(path=tmp_path / name)}") and err.count("\n") == 1
 
 
+def test_predict_given_a_checkpoint_names_the_tool_that_makes_a_model_file_of_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["predict.py", str(tmp_path), "cat.png"])
+    with pytest.raises(SystemExit) as exit:
+        predict.main()
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (f"predict.py: error: {tmp_path} is a directory, not a model file: make one of "
+                                       f"a checkpoint with python export_model.py {tmp_path} -o model.pt\n")
+
+
 class RunsACommand:
     """What a hostile pickle holds: unpickling it runs `touch <marker>` (os.system, through __reduce__)."""
 
