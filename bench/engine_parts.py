@@ -1,4 +1,4 @@
-"""What DeepSpeed's engine costs a step over a plain loop, and how much of it its three largest parts are.
+"""What DeepSpeed's engine costs a step over a plain loop, and how much of it four of its parts are.
 
     python bench/engine_parts.py [--rounds 20] [--steps 100]
 
@@ -8,7 +8,9 @@ makes (the fixes on), and the same with one more of DeepSpeed's parts patched ou
 - engine.zero_grad walking module.named_parameters() every step: a list of the parameters, built once;
 - nn.Module.__setattr__ for the engine's own counters and flags (13 writes a step): object.__setattr__;
 - the backward hooks engine.forward puts on the outputs, for a loss.backward() called without
-  engine.backward: none (on fp32 without ZeRO their prologue starts only timers, which are off).
+  engine.backward: none (on fp32 without ZeRO their prologue starts only timers, which are off);
+- what engine.backward does around loss.backward() beside its epilogue: the loss divided by its gradient
+  accumulation steps (1 here: x / 1 is x), a hook on the loss for its graph tracker, locks and counters.
 Before the rounds, 10 steps of the engine with every part patched out must leave the parameters bit for bit
 where 10 unpatched steps from the same state do. A Markdown table: ms a step (the median over rounds), each
 row's ratio to the plain loop and to the row above (the median of each round's). The script patches none of
@@ -33,7 +35,8 @@ from cifar10ds import fixes, launch, machine, options  # noqa: E402
 from plain_loop import plain_step  # noqa: E402
 
 ROWS = ["the plain loop", "DeepSpeed's engine and the script's fixes", "- zero_grad's walk of named_parameters()",
-        "- nn.Module.__setattr__ on the engine's counters", "- the output backward hooks"]
+        "- nn.Module.__setattr__ on the engine's counters", "- the output backward hooks",
+        "- engine.backward's own steps around loss.backward()"]
 HOOKS = deepspeed.runtime.engine.register_output_backward_hooks
 
 
@@ -42,7 +45,13 @@ class Parts:
 
     def __init__(self, engine):
         self.engine, self.engine_class, self.zero_grad = engine, type(engine), engine.zero_grad
+        self.backward = engine.backward
         parameters = list(engine.module.parameters())
+
+        def backward(loss):
+            loss.backward()
+            engine._backward_epilogue()  # the gradient all-reduce where there is one
+            return loss
 
         def zero_grad():
             for p in parameters:
@@ -55,13 +64,14 @@ class Parts:
                 else:
                     super().__setattr__(name, value)
 
-        self.list_zero_grad, self.plain_counters = zero_grad, PlainCounters
+        self.list_zero_grad, self.plain_counters, self.loss_backward = zero_grad, PlainCounters, backward
 
     def out(self, parts):
         self.engine.zero_grad = self.list_zero_grad if parts >= 1 else self.zero_grad
         self.engine.__class__ = self.plain_counters if parts >= 2 else self.engine_class
         deepspeed.runtime.engine.register_output_backward_hooks = (
             (lambda *_, **__: types.SimpleNamespace(hook_handles=[])) if parts >= 3 else HOOKS)
+        object.__setattr__(self.engine, "backward", self.loss_backward if parts >= 4 else self.backward)
 
 
 def main():
