@@ -46,6 +46,8 @@ MUTANTS = [
      "if n < 1:", [OPTIONS]),
     ("a world size the EP size does not divide is accepted", CONFIG, "if world_size % args.ep_world_size:",
      "if False:", [OPTIONS]),
+    ("a --seed torch's generators cannot take is accepted", CONFIG, "not -2**63 <= args.seed < 2**63",
+     "not -2**63 <= args.seed < 2**64", [OPTIONS, "-k", "bad_mixes"]),
     ("RSample with top-2 is accepted", CONFIG, 'args.noisy_gate_policy == "RSample" and args.top_k != 1',
      'args.noisy_gate_policy == "RSample" and args.top_k != 2', [OPTIONS]),
     # Net
@@ -203,6 +205,10 @@ MUTANTS = [
      "            pass  #", [CHECKPOINTS, "-k", "live_run"]),
     ("predict.py compiles DeepSpeed's shared-memory all-reduce on a first run", "predict.py",
      "        fixes.skip_the_shared_memory_all_reduce()\n", "", [MODEL_FILES, "-k", "predict_evaluates"]),
+    ("predict.py's answers share stdout with DeepSpeed's log lines", "predict.py",
+     "with contextlib.redirect_stdout(sys.stderr):", "with contextlib.nullcontext():", [MODEL_FILES, "-k", "stdout_holds"]),
+    ("predict.py under | head ends in a traceback", "predict.py", "    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  #",
+     "    pass  #", [MODEL_FILES, "-k", "stdout_holds"]),
     # files from elsewhere and bad input
     ("checkpoint files are read with weights_only=False", FILES,
      'return torch.load(path, map_location="cpu", weights_only=True)',
