@@ -5,15 +5,38 @@ the run scripts can ask for a free port without importing torch (docs/launch.md,
 """
 
 import os
+import random
 import socket
 import sys
 
 
+LOWEST_PORT = 20000  # free_port() picks none below: the usual services' ports (databases, web servers, Jupyter)
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A TCP port that nothing listens on now, and that nothing else takes in the seconds before the run binds it:
+    below the kernel's ephemeral range, from which bind(0) and every outgoing connection (gloo opens dozens a
+    run) take theirs, at random (the system's, whatever the seeds), so that runs started together get their own."""
+    below = range(LOWEST_PORT, max(LOWEST_PORT, ephemeral_ports_start()))
+    for port in random.SystemRandom().sample(below, min(100, len(below))):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:  # no room below the ephemeral range, or none of it free: the kernel's pick
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def ephemeral_ports_start():
+    """The first port of the kernel's ephemeral range: Linux's setting, else its default (below macOS's 49152)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def use_single_process_defaults():

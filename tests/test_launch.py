@@ -84,6 +84,24 @@ def test_one_node_gets_a_free_port_unless_master_port_is_set(root, tmp_path):
     assert option(launcher_arguments(root, tmp_path, MASTER_PORT="29613")[0], "--master_port") == "29613"
 
 
+def test_a_free_port_lies_below_the_ephemeral_range_where_no_connection_can_take_it(monkeypatch):
+    """Between the pick and the rank's bind, seconds later, any outgoing connection (gloo's, of a run beside it) may
+    take a port of the ephemeral range: free_port() picks below it, a free one, else the kernel's."""
+    start = launch_module.ephemeral_ports_start()
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        assert start == int(f.read().split()[0])
+    ports = [launch_module.free_port() for _ in range(20)]
+    assert all(launch_module.LOWEST_PORT <= port < start for port in ports) and len(set(ports)) > 1, ports
+    only = ports[0]
+    monkeypatch.setattr(launch_module, "LOWEST_PORT", only)
+    monkeypatch.setattr(launch_module, "ephemeral_ports_start", lambda: only + 1)
+    assert launch_module.free_port() == only
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", only))
+        held.listen()
+        assert launch_module.free_port() >= start  # the one port below is taken: the kernel's pick
+
+
 def test_several_nodes_keep_the_launchers_port(root, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
