@@ -212,6 +212,9 @@ MUTANTS = [
      "with contextlib.redirect_stdout(sys.stderr):", "with contextlib.nullcontext():", [MODEL_FILES, "-k", "stdout_holds"]),
     ("predict.py under | head ends in a traceback", "predict.py", "    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  #",
      "    pass  #", [MODEL_FILES, "-k", "stdout_holds"]),
+    ("nohup's ignored SIGHUP is taken for a preemption", PACKAGE + "preemption.py",
+     "SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)",
+     "SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)", [CHECKPOINTS, "-k", "closed_terminal"]),
     # files from elsewhere and bad input
     ("checkpoint files are read with weights_only=False", FILES,
      'return torch.load(path, map_location="cpu", weights_only=True)',

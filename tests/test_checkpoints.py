@@ -6,7 +6,9 @@ not fit refused in one line; run_slurm.sbatch on a real SLURM cluster."""
 
 import json
 import os
+import pty
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -21,7 +23,8 @@ import torch
 import cifar10_deepspeed
 from cifar10ds import checkpoints, model_files, options, preemption
 from cifar10ds.launch import free_port
-from conftest import ROOT, children, is_running, launch_env, metric, paused, rank_pid, run_command, signal_when
+from conftest import (LAUNCH_TIMEOUT, ROOT, children, is_running, kill_session, launch_env, live_processes, metric, paused,
+                      rank_pid, run_command, signal_when)
 from test_launch import Nodes, script
 from train_cells import engine_of
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
@@ -157,6 +160,55 @@ def test_resume_on_two_nodes_from_a_shared_save_dir(tmp_path):
     assert f"Resuming from {shared / 'epoch1'} at epoch 2" in first.output
     assert "[ 1, " not in first.output and "[ 2,    50] loss:" in first.output
     assert (shared / "latest").read_text().strip() == "epoch2"
+
+
+def hang_up_when(command, cwd, ready):
+    """Run a shell `command` in a terminal of its own, as an ssh session does, and close the terminal once
+    ready(what it printed there) holds: the kernel hangs up its session (SIGHUP). Returns the seconds until every
+    process of the session was gone (None: one still ran a minute on) and what the command printed before."""
+    pid, terminal = pty.fork()  # the child leads a new session, the terminal its controlling one
+    if pid == 0:
+        os.chdir(cwd)
+        os.execvpe("bash", ["bash", "-c", command], launch_env())
+    try:
+        output, deadline = b"", time.monotonic() + LAUNCH_TIMEOUT
+        while not ready(output.decode(errors="replace")) and live_processes(pid) and time.monotonic() < deadline:
+            try:
+                if select.select([terminal], [], [], 1)[0]:
+                    output += os.read(terminal, 65536)
+            except OSError:  # EIO: no process holds the terminal any more (nohup let go of it)
+                time.sleep(0.2)
+        os.close(terminal)
+        hung_up = time.monotonic()
+        while live_processes(pid) and time.monotonic() - hung_up < 60:
+            time.sleep(0.05)
+        return (None if live_processes(pid) else time.monotonic() - hung_up), output.decode(errors="replace")
+    finally:
+        kill_session(pid)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_ends_every_rank_as_a_kill_and_nohup_keeps_the_run(tmp_path):
+    """An ssh session that drops hangs up the run in its terminal: every rank and the launcher end at once (no rank
+    left training), the finished epoch stays and --resume finishes the run. Under nohup the run ignores the
+    hang-up and finishes (docs/checkpoints.md)."""
+    settings = "NUM_GPUS=2 BIND_CORES=0"
+    run = (f"{ROOT / 'run_ds.sh'} --dataset synthetic --dtype fp32 --seed 0 --synthetic-train-size 3200 "
+           "--synthetic-test-size 50 --log-interval 50 -e 2 --save-dir ckpt")
+    gone, output = hang_up_when(f"{settings} {run}", tmp_path, lambda printed: "[ 2,    50] loss:" in printed)
+    assert gone is not None and gone < 10, output[-3000:]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "epoch1" and "Finished Training" not in output
+    resumed = run_command(["bash", "-c", f"{settings} {run} --resume"], tmp_path)
+    assert resumed.returncode == 0 and "Finished Training" in resumed.output, resumed.output[-3000:]
+
+    nohup_out = tmp_path / "nohup.out"  # where nohup sends the output: once it is there, nohup ignores SIGHUP
+    gone, _ = hang_up_when(f"{settings} nohup {run.replace('ckpt', 'nohup-ckpt')}", tmp_path,
+                           lambda _: nohup_out.exists() and "[ 1,    50] loss:" in nohup_out.read_text())
+    assert gone is not None, "the run outlived the minute the test waited"  # it trained on, then finished
+    finished = nohup_out.read_text()
+    assert "Finished Training" in finished and "Accuracy of the network" in finished, finished[-3000:]
+    assert (tmp_path / "nohup-ckpt" / "latest").read_text().strip() == "epoch2"
 
 
 # Checkpoints that do not fit
