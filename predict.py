@@ -56,7 +56,6 @@ def read_image(path):
 
 
 def main():
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a reader that stops early (| head) ends it quietly, as it ends cat
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a model file written by export_model.py")
     parser.add_argument("images", nargs="*", help="PNG or JPEG files, any size")
@@ -96,5 +95,6 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a reader that stops early (| head) ends it quietly, as it ends cat
     with machine.exit_without_teardown():
         main()
