@@ -47,11 +47,14 @@ def accuracy_lines(class_correct, class_total):
     return lines
 
 
+MONITOR_JOB = "cifar10"  # the monitors' job name: they write into <--metrics-dir or --tensorboard-dir>/cifar10
+
+
 def add_monitors(config, args):
-    """DeepSpeed's CSV and TensorBoard monitors, as asked: each gets every series the run writes (job cifar10)."""
+    """DeepSpeed's CSV and TensorBoard monitors, as asked: each gets every series the run writes, in MONITOR_JOB."""
     for key, folder in (("csv_monitor", args.metrics_dir), ("tensorboard", args.tensorboard_dir)):
         if folder:
-            config[key] = {"enabled": True, "output_path": folder, "job_name": "cifar10"}
+            config[key] = {"enabled": True, "output_path": folder, "job_name": MONITOR_JOB}
 
 
 def train_on_when_the_monitors_cannot_write(model_engine, args):

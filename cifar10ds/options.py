@@ -11,7 +11,7 @@ import tempfile
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import logger
 
-from cifar10ds import data, launch, machine
+from cifar10ds import data, launch, machine, metrics
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -309,7 +309,7 @@ def refuse(reason):
 
 def refuse_bad_input(args, config):
     """Refuse flags, a config or a folder that cannot run, in one line on every rank."""
-    reason = check_args(args, config, launch.world_size()) or check_directories(args)
+    reason = check_args(args, config, launch.world_size()) or check_directories(args) or check_earlier_run(args)
     if reason:
         refuse(reason)
 
@@ -333,6 +333,27 @@ def check_directories(args):
                 pass
         except OSError as e:
             return f"{flag} {folder} {cannot}: {e.strerror}"
+    return None
+
+
+def check_earlier_run(args):
+    """Why a new run (no --resume) would write over an earlier run's files, or None: its checkpoints in --save-dir
+    (the new run's epoch1, epoch2, ... replace them, and 'latest' names its own), its series in --metrics-dir or
+    --tensorboard-dir (a plot or TensorBoard would draw the two runs as one). --resume continues that run and its
+    series; --resume auto finds no checkpoint where a run stopped before its first save, and appends to its series."""
+    if args.resume:
+        return None
+    latest = os.path.join(args.save_dir, "latest") if args.save_dir else None
+    if latest and os.path.isfile(latest):
+        with open(latest, errors="replace") as f:
+            tag = f.read(200).strip() or "none"
+        return (f"--save-dir {args.save_dir} holds an earlier run's checkpoints (its 'latest' names {tag}), which "
+                f"this run would write over: continue that run with --resume, or give this run another --save-dir")
+    for flag, folder in (("--metrics-dir", args.metrics_dir), ("--tensorboard-dir", args.tensorboard_dir)):
+        series = os.path.join(folder, metrics.MONITOR_JOB) if folder else None
+        if series and os.path.isdir(series) and os.listdir(series):
+            return (f"{flag} {folder} holds an earlier run's series ({series}), which this run's would join as "
+                    f"one run: give this run another {flag}, or continue that run with --resume")
     return None
 
 

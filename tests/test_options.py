@@ -13,8 +13,9 @@ import pytest
 from deepspeed.moe.layer import MoE
 
 from cifar10_deepspeed import get_ds_config, main
-from cifar10ds.options import batch_sizes, check_args, check_directories, config_dtype, load_ds_config, read_offload
-from conftest import ROOT, finish, start
+from cifar10ds.options import (batch_sizes, check_args, check_directories, check_earlier_run, config_dtype, load_ds_config,
+                               read_offload)
+from conftest import ROOT, finish, metric, run_command, start
 SYNTHETIC = ["--dataset", "synthetic", "--seed", "0", "--synthetic-test-size", "400"]
 
 
@@ -421,3 +422,42 @@ def test_a_folder_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_
     with pytest.raises(SystemExit) as exit_info:
         main(parse("--metrics-dir", str(file)))
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"cifar10_deepspeed.py: error: {cases[2][1]}\n"
+
+
+def test_a_new_run_on_an_earlier_runs_files_stops_every_rank_and_leaves_them_as_they_were(parse, script, tmp_path,
+                                                                                        monkeypatch):
+    """A command run twice, --resume forgotten: the second run would write its epoch1 over the first's and its series
+    into the first's folders, where a plot or TensorBoard draws both as one run. Each of 2 ranks stops by itself
+    (no launcher, no reachable peer) in one line, and every file of the first run is as it was; --resume continues
+    that run into the same folders."""
+    folders = ["--save-dir", "ckpt", "--metrics-dir", "met", "--tensorboard-dir", "tb"]
+    flags = [script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--synthetic-train-size", "160", "-e", "1", *folders]
+    first = run_command(["python", *flags], tmp_path)
+    assert first.returncode == 0, first.output[-3000:]
+    files = lambda: {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    before = files()
+    assert any(path.parent.name == "cifar10" and path.parent.parent.name == "tb" for path in before)
+    env_of = lambda rank: {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    ranks = [start([sys.executable, *flags], tmp_path, env_of(rank), stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE) for rank in (0, 1)]
+    for rank, (out, err) in zip(ranks, [finish(rank, timeout=120) for rank in ranks]):
+        assert rank.returncode == 2 and "loss:" not in out, err[-3000:]
+        assert err.splitlines()[-1] == (
+            "cifar10_deepspeed.py: error: --save-dir ckpt holds an earlier run's checkpoints (its 'latest' names "
+            "epoch1), which this run would write over: continue that run with --resume, or give this run another "
+            "--save-dir")
+    assert files() == before
+    monkeypatch.chdir(tmp_path)
+    for flag, folder in (("--metrics-dir", "met"), ("--tensorboard-dir", "tb")):
+        assert check_earlier_run(parse(flag, folder)) == (
+            f"{flag} {folder} holds an earlier run's series ({folder}/cifar10), which this run's would join as one run: "
+            f"give this run another {flag}, or continue that run with --resume")
+    (tmp_path / "new" / "cifar10").mkdir(parents=True)  # made by a run that died before it wrote a step
+    (tmp_path / "partial" / "epoch1").mkdir(parents=True)  # no 'latest': its first save never finished
+    assert check_earlier_run(parse("--metrics-dir", "new", "--save-dir", "partial")) is None
+    assert check_earlier_run(parse(*folders, "--resume", "auto")) is None
+    resumed = run_command(["python", *flags, "-e", "2", "--resume"], tmp_path)
+    assert resumed.returncode == 0 and "Resuming from ckpt/epoch1 at epoch 2" in resumed.output, resumed.output[-3000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch2"
+    assert max(metric(tmp_path / "met", "Train_Samples_lr")) == 2 * 160
