@@ -21,17 +21,21 @@ from cifar10_deepspeed import Net, test
 from cifar10ds import data, fixes, launch, machine, model_files
 
 
-def load_model(path, device):
-    """The Net a model file holds, in evaluation mode on `device`: built from the flags saved with it."""
+def load_model(path, device, keep_every_token=False):
+    """The Net a model file holds, in evaluation mode on `device`: built from the flags saved with it. With
+    keep_every_token its MoE layers route every token, past their capacity too, so each image's answer is its own:
+    DeepSpeed's gate drops the tokens over an expert's capacity (chosen at random), whose output is then zero."""
     try:
         exported = model_files.read_model_file(path)
     except model_files.ModelFileError as e:
         machine.stop(f"predict.py: error: {e}")
-    net = model_files.build_net(Net, exported["model"])
+    net = model_files.build_net(Net, {**exported["model"], "drop_tokens": False} if keep_every_token
+                                else exported["model"])
     if net.moe:  # DeepSpeed's MoE layers route through an expert group, here of one process
         start_one_process()
-        for layer in net.moe_layer_list:
-            layer.set_deepspeed_parallelism()
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints the group it makes: stdout keeps the answers
+            for layer in net.moe_layer_list:
+                layer.set_deepspeed_parallelism()
     net.load_state_dict(exported["state_dict"], strict=True)
     return net.to(device).eval()
 
@@ -77,8 +81,9 @@ def main():
         machine.stop(f"predict.py: error: no model file {args.model}")
 
     device = get_accelerator().device_name()
-    net = load_model(args.model, device)
-    if args.test_set:
+    net = load_model(args.model, device, keep_every_token=not args.test_set)
+    if args.test_set:  # as the run's test() evaluated: the tokens its gate dropped dropped too, the same ones each time
+        torch.manual_seed(0)
         start_one_process()
         try:
             testset = data.test_set(args)

@@ -3,6 +3,7 @@ of any kind, and what a user does with it: evaluate it, classify images, start a
 
 import argparse
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -255,11 +256,14 @@ def test_init_from_refuses_weights_of_another_net_in_one_line(single_rank_group,
 
 @pytest.fixture(scope="module")
 def ep2_fp16_run(tmp_path_factory):
-    """MoE with EP 2 on 2 ranks in fp16 (the reference's dtype, without ZeRO), one epoch of 200 steps, saved."""
+    """MoE with EP 2 on 2 ranks in fp16 (the reference's dtype, without ZeRO), one epoch of 200 steps, saved. Its
+    training drops tokens; its evaluation none (an eval capacity of 2 holds every token of a batch at one expert):
+    which tokens the gate drops it picks at random."""
     tmp = tmp_path_factory.mktemp("ep2-fp16")
     full = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dataset",
                         "synthetic", "--log-interval", "100", "--seed", "0", "-e", "1", "--synthetic-train-size", "3200",
-                        "--moe", "--ep-world-size", "2", "--num-experts", "2", "--save-dir", tmp / "full"], tmp)
+                        "--moe", "--ep-world-size", "2", "--num-experts", "2", "--eval-capacity-factor", "2",
+                        "--save-dir", tmp / "full"], tmp)
     assert full.returncode == 0, full.output[-3000:]
     return SimpleNamespace(tmp=tmp, full=full)
 
@@ -284,15 +288,53 @@ def test_a_fp16_checkpoint_exports_its_fp32_masters_with_every_expert_by_its_glo
 def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(ep2_fp16_run, machine):
     """The model trained on 2 ranks with EP 2 in fp16, exported, evaluates in one process at EP 1 in fp32 with
     the run's final accuracy, within what fp16's rounding moves; with nothing to compile (no C++ compiler, an
-    empty op cache)."""
+    empty op cache). Where its evaluation drops tokens (the default eval capacity, 1), it drops the same ones on
+    every call: the same lines each time."""
     run = ep2_fp16_run
-    torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
-    predicted = run_command(["python", ROOT / "predict.py", run.tmp / "model.pt", "--test-set", "--dataset",
-                             "synthetic"], run.tmp, env=machine(cxx=False))
+    exported = model_files.export(run.tmp / "full", Net)
+    torch.save(exported, run.tmp / "model.pt")
+    exported["model"]["eval_capacity_factor"] = 1.0
+    torch.save(exported, run.tmp / "dropping.pt")
+    predict_py = ["python", ROOT / "predict.py", "--test-set", "--dataset", "synthetic"]
+    predicted = run_command([*predict_py, run.tmp / "model.pt"], run.tmp, env=machine(cxx=False))
     assert predicted.returncode == 0, predicted.output[-3000:]
     lines = [line for line in predicted.output.splitlines() if line.startswith("Accuracy of")]
     assert len(lines) == 11 and lines[0].startswith("Accuracy of the network on the 1000 test images: ")
-    assert abs(predicted.accuracy() - run.full.accuracy()) <= 2, (predicted.accuracy(), run.full.accuracy())
+    assert "layer 0 0.0%" in predicted.output and "layer 0 0.0%" in run.full.output, predicted.output[-3000:]
+    assert abs(predicted.accuracy() - run.full.accuracy()) <= 1, (predicted.accuracy(), run.full.accuracy())
+    dropping = [run_command([*predict_py, run.tmp / "dropping.pt"], run.tmp) for _ in range(2)]
+    lines = [[line for line in each.output.splitlines() if line.startswith(("Accuracy", "Token"))] for each in dropping]
+    assert lines[0] == lines[1] and "(eval capacity factor 1): layer 0 0.0%" not in lines[0][-1], lines
+
+
+@pytest.mark.slow
+def test_predict_gives_each_image_its_own_answer_from_a_moe_model_whatever_else_it_is_given(ep2_fp16_run,
+                                                                                            single_rank_group):
+    """40 images in one call: each gets the class and probability the file's Net gives it alone (one token never
+    passes an expert's capacity), every token routed (DeepSpeed's gate dropped those over capacity, which then got a
+    constant answer), and stdout holds the answers alone (DeepSpeed prints the expert group it makes). The file's
+    evaluation capacity is the default, 1: a batch of 40 at one expert holds 20."""
+    run = ep2_fp16_run
+    exported = model_files.export(run.tmp / "full", Net)
+    exported["model"]["eval_capacity_factor"] = 1.0
+    torch.save(exported, run.tmp / "model.pt")
+    images = data.SyntheticCIFAR10(40, train=False).data
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(run.tmp / f"{i:02}.png")
+    names = [f"{i:02}.png" for i in range(len(images))]
+    answers = run_command(["bash", "-c", f"{sys.executable} {ROOT / 'predict.py'} model.pt {' '.join(names)} "
+                                         f"2>/dev/null"], run.tmp)
+    assert answers.returncode == 0, answers.output[-3000:]
+    answered = [re.fullmatch(r"(\d\d\.png): (\w+) ([\d.]+) %", line).groups() for line in answers.output.splitlines()]
+    assert [name for name, _, _ in answered] == names, answers.output
+    net = model_files.build_net(Net, exported["model"])
+    for layer in net.moe_layer_list:
+        layer.set_deepspeed_parallelism()
+    net.load_state_dict(exported["state_dict"])
+    with torch.no_grad():
+        alone = [net.eval()(data.to_inputs(torch.from_numpy(image)[None], "cpu")).softmax(dim=1)[0] for image in images]
+    for (name, kind, probability), p in zip(answered, alone, strict=True):
+        assert (kind, abs(float(probability) - 100 * p.max().item()) <= 0.1) == (CLASSES[p.argmax()], True), name
 
 
 @pytest.mark.slow
