@@ -101,5 +101,5 @@ def main():
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a reader that stops early (| head) ends it quietly, as it ends cat
-    with machine.exit_without_teardown():
+    with machine.exit_without_teardown(after_ctrl_c=None):
         main()

@@ -243,6 +243,8 @@ MUTANTS = [
     ("predict.py prints DeepSpeed's line on its expert group among the answers", "predict.py",
      "        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints the group", "        with contextlib.nullcontext():  #",
      [MODEL_FILES, "-k", "its_own_answer"]),
+    ("predict.py's Ctrl-C says a training run's checkpoints were not saved", "predict.py",
+     "machine.exit_without_teardown(after_ctrl_c=None)", "machine.exit_without_teardown()", [MODEL_FILES, "-k", "ctrl_c"]),
     ("a config DeepSpeed asserts on reaches deepspeed.initialize", CONFIG,
      "        DeepSpeedConfig(copy.deepcopy(config))\n", "        pass\n", [OPTIONS, "-k", "deepspeed_refuses"]),
     ("DeepSpeed's shared-memory all-reduce is built and left in /dev/shm", FIX,

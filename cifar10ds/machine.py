@@ -47,8 +47,9 @@ def stop(line, status=1, every_rank=False):
 
 
 @contextlib.contextmanager
-def exit_without_teardown():
-    """Run the body, then end the process at once with its exit status (a traceback first, as Python prints it).
+def exit_without_teardown(after_ctrl_c="nothing was saved since the last complete checkpoint"):
+    """Run the body, then end the process at once with its exit status (a traceback first, as Python prints it; a
+    Ctrl-C's one line, with what it left undone: after_ctrl_c).
 
     DeepSpeed keeps references to its process groups, so PyTorch's gloo worker threads outlive
     destroy_process_group(). One of them can still be releasing the last collective's tensors when Python
@@ -66,7 +67,7 @@ def exit_without_teardown():
     except KeyboardInterrupt:  # a Ctrl-C before training's handler was set, or a second one (preemption.Preemption)
         status = 130
         if launch.local_rank() == 0:
-            print(f"Stopped at once by Ctrl-C (exit {status}): nothing was saved since the last complete checkpoint",
+            print(f"Stopped at once by Ctrl-C (exit {status})" + (f": {after_ctrl_c}" if after_ctrl_c else ""),
                   file=sys.stderr)
     except BaseException:  # the traceback Python would print, and its status
         traceback.print_exc()

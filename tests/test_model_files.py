@@ -4,6 +4,7 @@ of any kind, and what a user does with it: evaluate it, classify images, start a
 import argparse
 import os
 import re
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ import predict
 from cifar10_deepspeed import Net
 from cifar10ds import data, model_files
 from cifar10ds.data import CLASSES
-from conftest import ROOT, metric, run_command
+from conftest import ROOT, metric, run_command, signal_when
 from train_cells import engine_of, parameter_snapshot
 SYNTHETIC = ["--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size", "8",
              "--seed", "0", "--log-interval", "100", "-e", "1"]
@@ -335,6 +336,20 @@ def test_predict_gives_each_image_its_own_answer_from_a_moe_model_whatever_else_
         alone = [net.eval()(data.to_inputs(torch.from_numpy(image)[None], "cpu")).softmax(dim=1)[0] for image in images]
     for (name, kind, probability), p in zip(answered, alone, strict=True):
         assert (kind, abs(float(probability) - 100 * p.max().item()) <= 0.1) == (CLASSES[p.argmax()], True), name
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_predict_in_one_line(ep2_fp16_run):
+    """A Ctrl-C while predict.py evaluates (once it has built the Net, whose MoE layers print a line): exit 130,
+    one line, no traceback."""
+    run = ep2_fp16_run
+    torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
+    stopped, _ = signal_when(["python", ROOT / "predict.py", "model.pt", "--test-set", "--dataset", "synthetic",
+                              "--synthetic-test-size", "100000"], run.tmp,
+                             lambda line: line.startswith("No existing process group found"),
+                             lambda launcher, _: launcher.send_signal(signal.SIGINT))
+    assert stopped.returncode == 130 and stopped.output.splitlines()[-1] == "Stopped at once by Ctrl-C (exit 130)"
+    assert "Traceback" not in stopped.output and "Accuracy" not in stopped.output, stopped.output[-3000:]
 
 
 @pytest.mark.slow
