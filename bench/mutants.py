@@ -231,7 +231,7 @@ MUTANTS = [
      '        ("--metrics-dir", args.metrics_dir, "cannot hold the metrics"),\n', "", [OPTIONS, "-k", "cannot_hold_files"]),
     ("a new run writes over an earlier run's checkpoints", CONFIG, "if latest and os.path.isfile(latest):", "if False:",
      [OPTIONS, "-k", "earlier_run"]),
-    ("a new run's series join an earlier run's", CONFIG, "if series and os.path.isdir(series) and os.listdir(series):",
+    ("a new run's series join an earlier run's", CONFIG, "if series and glob.glob(os.path.join(glob.escape(series), \"*\")):",
      "if False:", [OPTIONS, "-k", "earlier_run"]),
     ("--resume is refused on the run it continues", CONFIG, "    if args.resume:\n        return None\n    latest", "    latest",
      [OPTIONS, "-k", "earlier_run"]),

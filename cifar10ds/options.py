@@ -3,6 +3,7 @@ refused before any work (docs/config.md, docs/offload.md)."""
 
 import argparse
 import copy
+import glob
 import json
 import logging
 import os
@@ -351,7 +352,7 @@ def check_earlier_run(args):
                 f"this run would write over: continue that run with --resume, or give this run another --save-dir")
     for flag, folder in (("--metrics-dir", args.metrics_dir), ("--tensorboard-dir", args.tensorboard_dir)):
         series = os.path.join(folder, metrics.MONITOR_JOB) if folder else None
-        if series and os.path.isdir(series) and os.listdir(series):
+        if series and glob.glob(os.path.join(glob.escape(series), "*")):  # unreadable: as empty, never an error
             return (f"{flag} {folder} holds an earlier run's series ({series}), which this run's would join as "
                     f"one run: give this run another {flag}, or continue that run with --resume")
     return None
