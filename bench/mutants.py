@@ -245,6 +245,8 @@ MUTANTS = [
      [MODEL_FILES, "-k", "its_own_answer"]),
     ("predict.py's Ctrl-C says a training run's checkpoints were not saved", "predict.py",
      "machine.exit_without_teardown(after_ctrl_c=None)", "machine.exit_without_teardown()", [MODEL_FILES, "-k", "ctrl_c"]),
+    ("a full --data-dir is told to hold the archive", DATASETS, "    if getattr(error, \"errno\", None) == errno.ENOSPC:",
+     "    if False:", [DATA, "-k", "fills"]),
     ("a config DeepSpeed asserts on reaches deepspeed.initialize", CONFIG,
      "        DeepSpeedConfig(copy.deepcopy(config))\n", "        pass\n", [OPTIONS, "-k", "deepspeed_refuses"]),
     ("DeepSpeed's shared-memory all-reduce is built and left in /dev/shm", FIX,

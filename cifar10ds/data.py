@@ -3,6 +3,7 @@ path) or through torchvision's per-image transforms (the PIL path), and the samp
 mid-way (docs/data.md)."""
 
 import contextlib
+import errno
 import functools
 import itertools
 import os
@@ -136,6 +137,9 @@ def test_set(args):
 
 def not_downloaded(args, error):
     """The line of a CIFAR-10 that is neither in --data-dir, whole, nor downloadable, and the ways on."""
+    if getattr(error, "errno", None) == errno.ENOSPC:  # while downloading or unpacking: torchvision redoes either
+        return (f"error: --data-dir {args.data_dir} has no room for CIFAR-10 ({error.strerror}): free space there, "
+                f"or give another --data-dir (a run with room fetches what is missing)")
     if isinstance(getattr(error, "reason", error), TimeoutError):  # urllib wraps one before the response
         error = f"nothing received for {longest_stall(args):g} s"
     damaged = os.path.isdir(unpacked(args))  # torchvision checked its files

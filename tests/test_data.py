@@ -3,7 +3,9 @@ bit for bit), and CIFAR-10 downloaded once per data directory by rank 0 first: t
 unpacks a CIFAR-format archive the tests make (tests/cifar_files.py) from a server on 127.0.0.1; offline, or a
 corrupt download, every rank stops with one line."""
 
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -236,6 +238,29 @@ def test_a_corrupt_download_stops_every_rank_and_is_not_trusted_next_time(tmp_pa
     again.assert_launched()
     assert cifar10_server.downloads() == before + 1  # the corrupt archive was not taken for the data
     assert holds_cifar10(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_data_dir_that_fills_stops_in_one_line_and_a_run_with_room_trains(tmp_path, cifar10_server, small_disk):
+    """--data-dir on a disk with room for half the archive, then for the archive but not all it unpacks to: each
+    run stops in one line, exit 1, no traceback, naming the full disk; once there is room, the next run fetches
+    what is missing and trains."""
+    archive, data_dir = (cifar10_server.httpd.folder / ARCHIVE).stat().st_size, small_disk.path / "data"
+    cmd = ["python", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dtype", "fp32", *ONE_EPOCH, "--data-dir", data_dir]
+    for room, left in ((archive // 2, []), (archive + archive // 4, [ARCHIVE, "cifar-10-batches-py"])):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        small_disk.grow()
+        small_disk.fill(room)
+        run = run_command(cmd, tmp_path, env=cifar10_server.env())
+        assert run.returncode == 1 and "Traceback" not in run.output, run.output[-3000:]
+        assert error_lines(run) == [f"error: --data-dir {data_dir} has no room for CIFAR-10 (No space left on device): "
+                                    f"free space there, or give another --data-dir (a run with room fetches what is "
+                                    f"missing)"], run.output[-3000:]
+        assert set(left) <= set(os.listdir(data_dir)) and not holds_cifar10(small_disk.path)
+    small_disk.grow()
+    again = run_command(cmd, tmp_path, env=cifar10_server.env())
+    again.assert_launched()
+    assert holds_cifar10(small_disk.path) and "Finished Training" in again.output
 
 
 @pytest.mark.slow
