@@ -85,6 +85,7 @@ def main():
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
     fixes.stop_probing_a_missing_nvml()  # as the script trains, and plain PyTorch, which never imports DeepSpeed
+    fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)  # as the script: no /dev/shm buffer left
     deepspeed.init_distributed()
     run_args = script.add_argument(["--deepspeed", "--dataset", "synthetic", "--dtype", "fp32", "--seed", "0",
                                     "--synthetic-train-size", str(16 * args.steps)])

@@ -144,10 +144,11 @@ def router_cost(rounds, steps=200):
     import deepspeed
     import torch
     import cifar10_deepspeed
-    from cifar10ds import launch, machine
+    from cifar10ds import fixes, launch, machine
 
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
+    fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)  # as the script: no /dev/shm buffer left
     deepspeed.init_distributed()
     args = cifar10_deepspeed.add_argument(["--deepspeed", *DATA, "--moe", "--num-experts", "2", "16"])
     config = cifar10_deepspeed.get_ds_config(args)
@@ -256,6 +257,7 @@ def step_costs(rounds, steps=100, toy=False):
 
     launch.use_single_process_defaults()
     machine.use_share_of_cores()
+    fixes.bound_every_wait(deepspeed.constants.default_pg_timeout)  # as the script: no /dev/shm buffer left
     deepspeed.init_distributed()
     world, nvml_check = deepspeed.comm.get_world_size(), os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     criterion, metrics_dir = torch.nn.CrossEntropyLoss(), tempfile.mkdtemp(prefix="costs-")
