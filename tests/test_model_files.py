@@ -259,13 +259,18 @@ def test_init_from_refuses_weights_of_another_net_in_one_line(single_rank_group,
 def ep2_fp16_run(tmp_path_factory):
     """MoE with EP 2 on 2 ranks in fp16 (the reference's dtype, without ZeRO), one epoch of 200 steps, saved. Its
     training drops tokens; its evaluation none (an eval capacity of 2 holds every token of a batch at one expert):
-    which tokens the gate drops it picks at random."""
+    which tokens the gate drops it picks at random. Exported to model.pt, and to dropping.pt with the default eval
+    capacity, 1, under which a batch of 40 at one expert holds 20."""
     tmp = tmp_path_factory.mktemp("ep2-fp16")
     full = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dataset",
                         "synthetic", "--log-interval", "100", "--seed", "0", "-e", "1", "--synthetic-train-size", "3200",
                         "--moe", "--ep-world-size", "2", "--num-experts", "2", "--eval-capacity-factor", "2",
                         "--save-dir", tmp / "full"], tmp)
     assert full.returncode == 0, full.output[-3000:]
+    exported = model_files.export(tmp / "full", Net)
+    torch.save(exported, tmp / "model.pt")
+    exported["model"]["eval_capacity_factor"] = 1.0
+    torch.save(exported, tmp / "dropping.pt")
     return SimpleNamespace(tmp=tmp, full=full)
 
 
@@ -292,10 +297,6 @@ def test_predict_evaluates_the_exported_model_in_one_process_as_the_run_did(ep2_
     empty op cache). Where its evaluation drops tokens (the default eval capacity, 1), it drops the same ones on
     every call: the same lines each time."""
     run = ep2_fp16_run
-    exported = model_files.export(run.tmp / "full", Net)
-    torch.save(exported, run.tmp / "model.pt")
-    exported["model"]["eval_capacity_factor"] = 1.0
-    torch.save(exported, run.tmp / "dropping.pt")
     predict_py = ["python", ROOT / "predict.py", "--test-set", "--dataset", "synthetic"]
     predicted = run_command([*predict_py, run.tmp / "model.pt"], run.tmp, env=machine(cxx=False))
     assert predicted.returncode == 0, predicted.output[-3000:]
@@ -314,26 +315,20 @@ def test_predict_gives_each_image_its_own_answer_from_a_moe_model_whatever_else_
     """40 images in one call: each gets the class and probability the file's Net gives it alone (one token never
     passes an expert's capacity), every token routed (DeepSpeed's gate dropped those over capacity, which then got a
     constant answer), and stdout holds the answers alone (DeepSpeed prints the expert group it makes). The file's
-    evaluation capacity is the default, 1: a batch of 40 at one expert holds 20."""
+    evaluation capacity is the default, 1."""
     run = ep2_fp16_run
-    exported = model_files.export(run.tmp / "full", Net)
-    exported["model"]["eval_capacity_factor"] = 1.0
-    torch.save(exported, run.tmp / "model.pt")
     images = data.SyntheticCIFAR10(40, train=False).data
     for i, image in enumerate(images):
         Image.fromarray(image).save(run.tmp / f"{i:02}.png")
     names = [f"{i:02}.png" for i in range(len(images))]
-    answers = run_command(["bash", "-c", f"{sys.executable} {ROOT / 'predict.py'} model.pt {' '.join(names)} "
+    answers = run_command(["bash", "-c", f"{sys.executable} {ROOT / 'predict.py'} dropping.pt {' '.join(names)} "
                                          f"2>/dev/null"], run.tmp)
     assert answers.returncode == 0, answers.output[-3000:]
     answered = [re.fullmatch(r"(\d\d\.png): (\w+) ([\d.]+) %", line).groups() for line in answers.output.splitlines()]
     assert [name for name, _, _ in answered] == names, answers.output
-    net = model_files.build_net(Net, exported["model"])
-    for layer in net.moe_layer_list:
-        layer.set_deepspeed_parallelism()
-    net.load_state_dict(exported["state_dict"])
+    net = predict.load_model(run.tmp / "dropping.pt", "cpu")  # the file's own flags: its gate drops past capacity
     with torch.no_grad():
-        alone = [net.eval()(data.to_inputs(torch.from_numpy(image)[None], "cpu")).softmax(dim=1)[0] for image in images]
+        alone = [net(data.to_inputs(torch.from_numpy(image)[None], "cpu")).softmax(dim=1)[0] for image in images]
     for (name, kind, probability), p in zip(answered, alone, strict=True):
         assert (kind, abs(float(probability) - 100 * p.max().item()) <= 0.1) == (CLASSES[p.argmax()], True), name
 
@@ -343,7 +338,6 @@ def test_ctrl_c_stops_predict_in_one_line(ep2_fp16_run):
     """A Ctrl-C while predict.py evaluates (once it has built the Net, whose MoE layers print a line): exit 130,
     one line, no traceback."""
     run = ep2_fp16_run
-    torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
     stopped, _ = signal_when(["python", ROOT / "predict.py", "model.pt", "--test-set", "--dataset", "synthetic",
                               "--synthetic-test-size", "100000"], run.tmp,
                              lambda line: line.startswith("No existing process group found"),
@@ -360,7 +354,6 @@ def test_init_from_the_two_rank_ep2_checkpoint_trains_on_in_one_process(ep2_fp16
     args = parse("--deepspeed", *SYNTHETIC, "--synthetic-train-size", "64", "--dtype", "fp32", "--moe",
                  "--num-experts", "2", "--init-from", str(run.tmp / "full"))
     engine, trainloader, _ = engine_of(args)
-    torch.save(model_files.export(run.tmp / "full", Net), run.tmp / "model.pt")
     exported = predict.load_model(run.tmp / "model.pt", "cpu").train()
     images, labels = next(iter(trainloader))
     inputs, criterion = data.to_inputs(images, "cpu"), torch.nn.CrossEntropyLoss()

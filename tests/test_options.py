@@ -350,15 +350,20 @@ def test_main_rejects_before_any_distributed_work(parse, capsys, monkeypatch):
         "cifar10_deepspeed.py: error: --num-experts 3 is not a positive multiple of --ep-world-size 2\n")
 
 
-def test_every_rank_exits_2_on_its_own(script, tmp_path):
-    """Two ranks of a 2-rank job, no launcher to kill them: each stops by itself, none waits for its peer."""
+def each_of_two_ranks_alone(argv, cwd):
+    """Both ranks of a 2-rank job, each started by itself (no launcher to kill them, no peer to reach, no PATH):
+    (exit status, stdout, stderr) of each. A rank that waits for its peer fails here."""
     env_of = lambda rank: {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "PATH": ""}
-    ranks = [start([sys.executable, script, "--deepspeed", "--moe", "--stage", "3"], tmp_path, env_of(rank),
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
-    outputs = [finish(rank, timeout=120) for rank in ranks]  # a rank that waits for its peer fails here
-    for rank, (_, err) in zip(ranks, outputs):
-        assert rank.returncode == 2
+    ranks = [start([sys.executable, *argv], cwd, env_of(rank), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in (0, 1)]
+    return [(rank.returncode, *output) for rank, output in zip(ranks, [finish(rank, timeout=120) for rank in ranks])]
+
+
+def test_every_rank_exits_2_on_its_own(script, tmp_path):
+    """Two ranks of a 2-rank job, no launcher to kill them: each stops by itself, none waits for its peer."""
+    for status, _, err in each_of_two_ranks_alone([script, "--deepspeed", "--moe", "--stage", "3"], tmp_path):
+        assert status == 2
         assert err.splitlines()[-1] == (
             "cifar10_deepspeed.py: error: --moe does not work with ZeRO stage 3: "
             "DeepSpeed's MoE supports stages 0, 1 and 2")
@@ -437,12 +442,8 @@ def test_a_new_run_on_an_earlier_runs_files_stops_every_rank_and_leaves_them_as_
     files = lambda: {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     before = files()
     assert any(path.parent.name == "cifar10" and path.parent.parent.name == "tb" for path in before)
-    env_of = lambda rank: {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    ranks = [start([sys.executable, *flags], tmp_path, env_of(rank), stdout=subprocess.PIPE,
-                   stderr=subprocess.PIPE) for rank in (0, 1)]
-    for rank, (out, err) in zip(ranks, [finish(rank, timeout=120) for rank in ranks]):
-        assert rank.returncode == 2 and "loss:" not in out, err[-3000:]
+    for status, out, err in each_of_two_ranks_alone(flags, tmp_path):
+        assert status == 2 and "loss:" not in out, err[-3000:]
         assert err.splitlines()[-1] == (
             "cifar10_deepspeed.py: error: --save-dir ckpt holds an earlier run's checkpoints (its 'latest' names "
             "epoch1), which this run would write over: continue that run with --resume, or give this run another "
