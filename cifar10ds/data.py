@@ -4,6 +4,7 @@ mid-way (docs/data.md)."""
 
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import os
@@ -22,6 +23,7 @@ CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the reference's Normalize
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DOWNLOAD_LOCK = CIFAR10_ARCHIVE + ".lock"  # in --data-dir: the run checking, downloading or unpacking there holds it
 DOWNLOAD_STALL = 60  # seconds a download may go without receiving anything
 
 
@@ -116,6 +118,40 @@ def stalls_bounded(args):
         socket.setdefaulttimeout(previous)
 
 
+@contextlib.contextmanager
+def one_download_at_a_time(args, download):
+    """Where CIFAR-10 may be downloaded, hold a lock on <data-dir>/cifar-10-python.tar.gz.lock while torchvision
+    checks, downloads and unpacks it there. Runs started together on one fresh --data-dir (a job array, two run
+    scripts) would otherwise each write the archive and unpack it over the other's, and one stop on data it found
+    damaged half-way. A run that finds the lock held says so, waits for that run to finish, then finds the data
+    whole (or, where that run failed, downloads them itself). A POSIX record lock, as --save-dir's (checkpoints.claim_save_dir): the kernel
+    releases it when its process ends, however it ends. Where no lock file can be made (a read-only --data-dir,
+    which a download could not write either) or the file system has no locks, the download goes on without."""
+    fd = None
+    if download and args.dataset == "cifar10":
+        try:
+            os.makedirs(args.data_dir, exist_ok=True)
+            fd = os.open(os.path.join(args.data_dir, DOWNLOAD_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            pass
+    try:
+        if fd is not None:
+            take_download_lock(fd, args.data_dir)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def take_download_lock(fd, data_dir):
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):  # another run holds it; any other error: no locks here
+            print(f"Waiting for another run to finish getting CIFAR-10 into {data_dir}", flush=True)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+
+
 def unpacked(args):
     """The folder of --data-dir where torchvision unpacks CIFAR-10."""
     return os.path.join(args.data_dir, torchvision.datasets.CIFAR10.base_folder)
@@ -124,15 +160,17 @@ def unpacked(args):
 def load_datasets(args, download):
     """The training and test sets: on the tensor path uint8 ImageTensors, on the PIL path torchvision's per-image
     transforms, ToTensor and Normalize, as in the reference."""
-    if args.data_path == "tensor":
-        return ImageTensor(split(args, True, download)), ImageTensor(split(args, False, download))
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    return split(args, True, download, transform), split(args, False, download, transform)
+    with one_download_at_a_time(args, download):
+        if args.data_path == "tensor":
+            return ImageTensor(split(args, True, download)), ImageTensor(split(args, False, download))
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+        return split(args, True, download, transform), split(args, False, download, transform)
 
 
 def test_set(args):
     """The test split alone, on the tensor path (predict.py), downloaded if missing."""
-    return ImageTensor(split(args, False, download=True))
+    with one_download_at_a_time(args, download=True):
+        return ImageTensor(split(args, False, download=True))
 
 
 def not_downloaded(args, error):

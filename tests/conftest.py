@@ -398,8 +398,8 @@ def machine(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A file system of its own (tmpfs, 64 MiB) at tmp_path/disk that a test fills while a run writes to it:
-    fill(leave) shrinks it to what it holds plus `leave` bytes, grow() gives it its 64 MiB back. Mounting needs
-    root: elsewhere the test is skipped."""
+    fill(leave) shrinks it to what it holds plus `leave` bytes, grow() gives it its 64 MiB back, read_only() makes
+    it read-only. Mounting needs root: elsewhere the test is skipped."""
     path = tmp_path / "disk"
     path.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True,
@@ -413,7 +413,10 @@ def small_disk(tmp_path):
     def fill(leave=0):
         size((shutil.disk_usage(path).used + leave + 4095) // 4096 * 4)
 
-    yield SimpleNamespace(path=path, fill=fill, grow=lambda: size(64 * 1024))
+    def read_only():
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    yield SimpleNamespace(path=path, fill=fill, grow=lambda: size(64 * 1024), read_only=read_only)
     subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 

@@ -6,6 +6,8 @@ corrupt download, every rank stops with one line."""
 import os
 import re
 import shutil
+import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -15,12 +17,13 @@ import torch
 import torchvision.transforms as transforms
 from deepspeed.runtime.dataloader import DeepSpeedDataLoader
 from PIL import Image
+from torchvision.datasets import CIFAR10
 
 from cifar10ds import data
 from cifar10ds.data import SyntheticCIFAR10, load_datasets
 from cifar_files import ARCHIVE, Server, make_archive
 from cifar10ds.launch import free_port
-from conftest import ROOT, run_command
+from conftest import ROOT, Run, finish, run_command, start
 from test_launch import Nodes, script
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "50", "--seed", "0"]
 ONE_EPOCH = ["-e", "1", "--log-interval", "50", "--seed", "0"]
@@ -198,15 +201,48 @@ def test_download_checks_and_unpacks_cifar10_and_trains(tmp_path, cifar10_server
 
 
 @pytest.mark.slow
-def test_a_download_slower_than_the_timeout_ends_no_rank(tmp_path, cifar10_server):
+def test_a_download_slower_than_the_timeout_ends_no_rank_and_a_run_beside_it_waits_for_it(tmp_path, cifar10_server):
     """Two ranks; the server sends the archive over 12 s, steadily, and --dist-timeout is 6 s (room for a busy
     machine's collectives in training): rank 1 waits for rank 0's download in collectives shorter than that,
-    and both train."""
-    before = cifar10_server.downloads(f"slow/{ARCHIVE}")
-    run = run_command([ROOT / "run_ds.sh", "--dtype", "fp32", *ONE_EPOCH, "--dist-timeout", "0.1"], tmp_path,
-                      env={"NUM_GPUS": "2", "BIND_CORES": "0", **cifar10_server.env(f"slow/{ARCHIVE}")})
-    run.assert_launched()
-    assert cifar10_server.downloads(f"slow/{ARCHIVE}") == before + 1 and holds_cifar10(tmp_path)
+    and both train. A second run started on the same --data-dir while the archive arrives (a job array) says it
+    waits for that download, and trains on it: without the lock it wrote the archive again beside it, and one of
+    the two stopped on data it found damaged."""
+    slow, beside = f"slow/{ARCHIVE}", tmp_path / "beside"
+    before = cifar10_server.downloads(slow)
+    first = start([ROOT / "run_ds.sh", "--dtype", "fp32", *ONE_EPOCH, "--dist-timeout", "0.1"], tmp_path,
+                  env={"NUM_GPUS": "2", "BIND_CORES": "0", **cifar10_server.env(slow)},
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = []
+    for line in first.stdout:  # until torchvision's progress bar shows the download started
+        output.append(line)
+        if "%|" in line:
+            break
+    beside.mkdir()
+    second = start(["python", ROOT / "cifar10_deepspeed.py", "--deepspeed", "--dtype", "fp32", *ONE_EPOCH,
+                    "--data-dir", tmp_path / "data"], beside, env=cifar10_server.env(slow),
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    runs = [Run(subprocess.CompletedProcess(run.args, run.returncode, "".join(out)))
+            for run, out in ((first, [*output, finish(first)[0]]), (second, [finish(second)[0]]))]
+    for run in runs:
+        run.assert_launched()
+    assert cifar10_server.downloads(slow) == before + 1 and holds_cifar10(tmp_path)
+    waits = f"Waiting for another run to finish getting CIFAR-10 into {tmp_path / 'data'}\n"
+    assert waits not in runs[0].output and runs[1].output.count(waits) == 1, runs[1].output[-3000:]
+
+
+def test_cifar10_on_a_read_only_disk_loads_without_a_lock(parse, tmp_path, cifar10_server, small_disk, monkeypatch):
+    """A shared, read-only copy of the data (a cluster's dataset mount): the download lock cannot be made there,
+    and needs not be; the data load."""
+    checksums = cifar10_server.checksums
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, checksums["md5"][name]] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[name, checksums["md5"][name]] for name, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": checksums["md5"]["batches.meta"]})
+    with tarfile.open(cifar10_server.httpd.folder / ARCHIVE) as archive:
+        archive.extractall(small_disk.path, filter="data")
+    small_disk.read_only()
+    trainset, testset = load_datasets(parse("--data-dir", str(small_disk.path)), download=True)
+    assert (len(trainset), len(testset)) == (5000, 1000)
+    assert not (small_disk.path / data.DOWNLOAD_LOCK).exists()
 
 
 @pytest.mark.slow
