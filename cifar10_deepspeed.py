@@ -345,8 +345,7 @@ def main(args):
         with machine.stop_if_the_port_is_taken():
             deepspeed.init_distributed(timeout=timeout)
         get_accelerator().set_device(launch.local_rank())
-        if args.save_dir:
-            checkpoints.claim_save_dir(args.save_dir)  # one run per --save-dir: another live run's is one line
+        checkpoints.claim_folders(args)  # one run per --save-dir, --metrics-dir: another live run's is one line
         options.refuse_what_deepspeed_refuses(config)  # its config checks, before any work
 
         ########################################################################

@@ -1,6 +1,6 @@
 """Checkpoints around DeepSpeed's save_checkpoint and load_checkpoint: what each holds beyond the engine's state
 (run.json, the position, every rank's random numbers), 'latest' and 'best', --keep-last, --resume's checks, a
-failed write in one line, and one run per save dir (docs/checkpoints.md). A signal's save: preemption.py."""
+failed write in one line, and one run per folder it writes (docs/checkpoints.md). A signal's save: preemption.py."""
 
 import contextlib
 import dataclasses
@@ -22,8 +22,8 @@ from cifar10ds import fixes, machine, model_files, options, universal
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
 LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: load_in_this_layout
 SAVE_FAILED = 74  # the exit status of every rank when a checkpoint could not be written (EX_IOERR)
-RUN_LOCK = ".run.lock"  # in --save-dir: the run writing there holds a lock on it
-SAVE_DIR_IN_USE = 73  # the exit status of every rank when another run writes into --save-dir (EX_CANTCREAT)
+RUN_LOCK = ".run.lock"  # in each folder a run writes: the run writing there holds a lock on it (claim_folders)
+FOLDER_IN_USE = 73  # the exit status of every rank when another run writes into one of them (EX_CANTCREAT)
 
 
 @dataclasses.dataclass
@@ -324,44 +324,57 @@ def set_rng_state(rank_state):
     get_accelerator().set_rng_state(rank_state["accelerator"])
 
 
-_held_lock = None  # the open lock file of the --save-dir this process writes: closing it would release the lock
+_held_locks = []  # the open lock files of the folders this process writes: closing one would release its lock
+RUN_FOLDERS = ("--save-dir", "--metrics-dir", "--tensorboard-dir")  # the folders a run writes, one run each
 
 
-def claim_save_dir(save_dir):
-    """One run per --save-dir: rank 0 takes a lock on <save-dir>/.run.lock for the whole run, and writes there which
-    run holds it (host, process, start). Where another live run holds it, every rank stops with one line naming
-    that run, before any work. Every rank must call it.
+def claim_folders(args):
+    """One run per folder it writes: rank 0 takes a lock on .run.lock in --save-dir, --metrics-dir and
+    --tensorboard-dir for the whole run, and writes there which run holds it (host, process, start). Where another
+    live run holds one, every rank stops with one line naming that run, before any work: two runs would write over
+    each other's checkpoints, or into one series that a plot or TensorBoard draws as one run. Every rank must call
+    it.
 
     The lock is a POSIX record lock (fcntl), which the kernel releases when its process ends, however it ends
     (kill -9 too): a dead run leaves a file that stops nobody. On a shared file system the server holds it for the
     client node: NFSv4, Lustre (mounted with flock), GPFS and BeeGFS lock across nodes, and release a node that
     went away once its lease ends (NFSv4: 90 s by default). Where the file system has no locks, rank 0 says so
     and the run goes on unguarded."""
-    global _held_lock
-    holder = None
-    if dist.get_rank() == 0:
-        path = os.path.join(save_dir, RUN_LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                holder = run_holding(fd)
-            else:
-                print(f"warning: --save-dir {save_dir} has no file locks ({e.strerror}): nothing stops another run "
-                      f"from writing into it at the same time", flush=True)
-            os.close(fd)
-        else:
-            started = datetime.datetime.now().astimezone().isoformat(" ", "seconds")
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                                     "slurm_job": os.environ.get("SLURM_JOB_ID")}).encode())
-            _held_lock = fd
+    holder, claimed = None, set()
+    for flag in RUN_FOLDERS if dist.get_rank() == 0 else ():
+        folder = getattr(args, flag[2:].replace("-", "_"))
+        if folder and os.path.realpath(folder) not in claimed:  # a folder given twice is one lock
+            claimed.add(os.path.realpath(folder))
+            holder = lock_folder(folder, flag)
+            if holder:
+                break
     holders = [holder]
     dist.broadcast_object_list(holders, src=0)
     if holders[0]:
-        machine.stop(f"error: --save-dir {save_dir} is in use by another run ({holders[0]}): wait for it to end, or "
-                     f"give this run another --save-dir", status=SAVE_DIR_IN_USE)
+        flag, folder, run = holders[0]
+        machine.stop(f"error: {flag} {folder} is in use by another run ({run}): wait for it to end, or give this run "
+                     f"another {flag}", status=FOLDER_IN_USE)
+
+
+def lock_folder(folder, flag):
+    """Hold `folder`'s run lock for the rest of this process, or return (flag, folder, the run that holds it)."""
+    fd = os.open(os.path.join(folder, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        held = e.errno in (errno.EACCES, errno.EAGAIN)
+        if not held:
+            print(f"warning: {flag} {folder} has no file locks ({e.strerror}): nothing stops another run "
+                  f"from writing into it at the same time", flush=True)
+        holder = (flag, folder, run_holding(fd)) if held else None
+        os.close(fd)
+        return holder
+    started = datetime.datetime.now().astimezone().isoformat(" ", "seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                             "slurm_job": os.environ.get("SLURM_JOB_ID")}).encode())
+    _held_locks.append(fd)
+    return None
 
 
 def run_holding(fd):

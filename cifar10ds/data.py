@@ -125,7 +125,7 @@ def one_download_at_a_time(args, download):
     scripts) would otherwise each write the archive and unpack it over the other's, and one stop on data it found
     damaged half-way. A run that finds the lock held says so, waits for that run to finish, then finds the data
     whole (or, where that run failed, downloads them itself). A POSIX record lock, as --save-dir's
-    (checkpoints.claim_save_dir): the kernel releases it when its process ends, however it ends. Where no lock file
+    (checkpoints.claim_folders): the kernel releases it when its process ends, however it ends. Where no lock file
     can be made (a read-only --data-dir, which a download could not write either) or the file system has no locks,
     the download goes on without."""
     fd = None

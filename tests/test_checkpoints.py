@@ -620,33 +620,41 @@ def test_latest_on_a_full_disk_stays_as_it_was(small_disk):
     assert latest.read_text() == "epoch1" and sorted(os.listdir(small_disk.path)) == ["filler", "latest"]
 
 
-# One run per save dir
+# One run per folder it writes
 @pytest.mark.slow
-def test_a_second_run_on_a_live_runs_save_dir_stops_in_one_line_and_the_first_finishes(script, tmp_path):
-    """A one-rank run trains into ckpt; a 2-rank run given the same --save-dir (a job submitted twice) stops on
-    every rank before any work, naming the first, which finishes untouched. The first prints a line every step
-    and nobody reads them while the second runs: once its output pipe is full it waits, so it is still live."""
-    ckpt = tmp_path / "ckpt"
+def test_a_second_run_on_a_live_runs_folders_stops_in_one_line_and_the_first_finishes(script, tmp_path):
+    """A one-rank run trains into ckpt and met; a 2-rank run given the same --save-dir (a job submitted twice), then
+    a run given another --save-dir but the same --metrics-dir (a job array; --resume auto, as run_slurm.sbatch
+    gives, appends to series it finds), each stop on every rank before any
+    work, naming the first, which finishes untouched: its checkpoints, and its series alone in met. The first
+    prints a line every step and nobody reads them while the others run: once its output pipe is full it waits,
+    so it is still live."""
+    ckpt, met = tmp_path / "ckpt", tmp_path / "met"
     flags = [script, "--deepspeed", *SMALL, "-e", "2", "--synthetic-train-size", "8000", "--log-interval", "1",
-             "--save-dir", ckpt]
-    second, first_pid = [], []
+             "--metrics-dir", met]
+    refused, first_pid = [], []
 
-    def start_another(launcher, _):
+    def start_others(launcher, _):
         first_pid.append(launcher.pid)
-        second.append(run_command(["deepspeed", "--num_gpus", "2", *flags, "--resume", "auto"], tmp_path))
-    first, _ = signal_when(["python", *flags], tmp_path, lambda line: line.startswith("[ 1,     1] loss:"),
-                           start_another)
+        refused.append(run_command(["deepspeed", "--num_gpus", "2", *flags, "--save-dir", ckpt, "--resume", "auto"],
+                                   tmp_path))
+        refused.append(run_command(["python", *flags, "--save-dir", tmp_path / "other", "--resume", "auto"], tmp_path))
+    first, _ = signal_when(["python", *flags, "--save-dir", ckpt], tmp_path,
+                           lambda line: line.startswith("[ 1,     1] loss:"), start_others)
     assert first.returncode == 0 and "Finished Training" in first.output, first.output[-3000:]
     assert (ckpt / "latest").read_text() == "epoch2" and "Resuming" not in first.output
+    assert len(metric(met, "Train_Samples_train_loss")) == 2 * 8000 // 16  # one run's steps, each once
+    assert (met / "cifar10" / "Train_Samples_train_loss.csv").read_text().count("step,") == 1
     holder = json.loads((ckpt / checkpoints.RUN_LOCK).read_text())
-    assert holder["pid"] == first_pid[0]
-    refused = second[0]
-    assert refused.returncode == checkpoints.SAVE_DIR_IN_USE, refused.output[-3000:]
-    errors = [line for line in refused.output.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: --save-dir {ckpt} is in use by another run (host {holder['host']}, process "
-                      f"{holder['pid']}, started {holder['started']}): wait for it to end, or give this run another "
-                      f"--save-dir"], refused.output[-3000:]
-    assert "[ 1, " not in refused.output and "Traceback" not in refused.output
+    assert holder == json.loads((met / checkpoints.RUN_LOCK).read_text()) and holder["pid"] == first_pid[0]
+    for run, (flag, folder) in zip(refused, (("--save-dir", ckpt), ("--metrics-dir", met))):
+        assert run.returncode == checkpoints.FOLDER_IN_USE, run.output[-3000:]
+        errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: {flag} {folder} is in use by another run (host {holder['host']}, process "
+                          f"{holder['pid']}, started {holder['started']}): wait for it to end, or give this run "
+                          f"another {flag}"], run.output[-3000:]
+        assert "[ 1, " not in run.output and "Traceback" not in run.output
+    assert os.listdir(tmp_path / "other") == [checkpoints.RUN_LOCK]
 
 
 # run_slurm.sbatch on a real SLURM cluster of this machine: slurmctld, slurmd and munge on 127.0.0.1, one node of
