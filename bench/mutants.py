@@ -4,8 +4,8 @@
     python bench/mutants.py --list     # the mutants and their test selections
     python bench/mutants.py -k seed    # the mutants whose name contains "seed"
 
-Each mutant is one exact text replacement in the file it names (cifar10_deepspeed.py or a module of
-cifar10ds/), a small deliberate mistake in one of its key behaviours, with the tests expected to catch it.
+Each mutant is one exact text replacement in the file it names (the script, a module of cifar10ds/, a tool,
+a run script), a small deliberate mistake in one of its key behaviours, with the tests expected to catch it.
 For each, the tracked files are copied into a scratch checkout, the replacement applied (it must match
 exactly once), and the selection run with pytest. Caught: the selection fails. Survived: it passes. Run by hand, not in CI; TESTING.md
 gives the last result.
@@ -84,8 +84,6 @@ MUTANTS = [
     ("TensorBoard's writer thread prints its traceback of a full disk", LINES,
      "    if monitor.tb_monitor is not None:\n        quiet", "    if False:\n        quiet", [METRICS, "-k", "full_disk"]),
     # data
-    ("every rank downloads", SCRIPT, "return data.load_datasets(args, download=first_on_node), None",
-     "return data.load_datasets(args, download=True), None", [DATA, "-k", "download"]),
     ("the other ranks wait out a download in one collective, which times out", ACCELERATOR,
      "working = my_turn and not done.wait(beat)", "working = my_turn and not done.wait()", [DATA, "-k", "slower"]),
     ("a download that stalls hangs the run", DATASETS, "    with stalls_bounded(args) if download else contextlib",
@@ -203,6 +201,8 @@ MUTANTS = [
      '["synchronized"] = False', [MACHINE, "-k", "throughput_timer"]),
     ("two runs write into one save dir", SCRIPT, "        checkpoints.claim_folders(args)  #",
      "        pass  #", [CHECKPOINTS, "-k", "live_runs_folders"]),
+    ("an array's jobs on one node share the port 29500", "run_slurm.sbatch",
+     "${MASTER_PORT:-$(python3 cifar10ds/launch.py free-port)}", "${MASTER_PORT:-29500}", [CHECKPOINTS, "-k", "arrays_jobs"]),
     ("two runs write into one metrics dir", CHECKPOINT, 'RUN_FOLDERS = ("--save-dir", "--metrics-dir", "--tensorboard-dir")',
      'RUN_FOLDERS = ("--save-dir",)', [CHECKPOINTS, "-k", "live_runs_folders"]),
     ("predict.py compiles DeepSpeed's shared-memory all-reduce on a first run", "predict.py",

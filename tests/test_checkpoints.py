@@ -819,7 +819,7 @@ def requeued(slurm, tmp_path_factory):
     straight = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SLURM_JOB_FLAGS,
                             "--save-dir", tmp / "straight"], tmp)
     log = tmp / "job.log"
-    env = {**launch_env(), **slurm.env, "SAVE_DIR": str(tmp / "ckpt"), "MASTER_PORT": str(free_port()),
+    env = {**launch_env(), **slurm.env, "SAVE_DIR": str(tmp / "ckpt"),
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "--time=2", pinned_begin(time_limit_check(probe)),
                                 f"--output={log}", "run_slurm.sbatch", *SLURM_JOB_FLAGS], cwd=ROOT, env=env,
@@ -861,3 +861,31 @@ def test_the_requeued_jobs_final_parameters_are_the_uninterrupted_runs(requeued)
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_an_arrays_jobs_on_one_node_train_side_by_side(slurm, tmp_path):
+    """sbatch --array=0-1 of one-rank jobs (a sweep), MASTER_PORT unset: SLURM runs both on this one node at once,
+    each on a port of its own (on a fixed one, the second could not bind it and stopped), each into its own
+    ckpt-<job>, and both train. The jobs run in a folder of links to the script and its package, which sbatch
+    runs from the folder it is submitted in."""
+    for name in ("cifar10_deepspeed.py", "cifar10ds"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = {**launch_env(), **slurm.env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MASTER_PORT", None)
+    submitted = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--gpus-per-node=0", "--ntasks-per-node=1",
+                                "--time=5", f"--output={tmp_path}/job-%a.log", ROOT / "run_slurm.sbatch", *SMALL,
+                                "-e", "1", "--synthetic-train-size", "16000"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    array = submitted.stdout.strip()
+    jobs = lambda state: subprocess.run(["squeue", "-h", "-j", array, "-t", state, "-o", "%i"], env=slurm.env,  # noqa: E731
+                                        capture_output=True, text=True).stdout.split()
+    wait_for("both of the array's jobs running at once", lambda: len(jobs("R")) == 2, timeout=120)
+    wait_for("the array's jobs to end", lambda: not jobs("PENDING,RUNNING,COMPLETING"), timeout=300)
+    shown = subprocess.run(["scontrol", "show", "job", array], env=slurm.env, capture_output=True, text=True).stdout
+    logs = [(tmp_path / f"job-{task}.log").read_text() for task in (0, 1)]
+    assert re.findall(r"JobState=(\S+)", shown) == ["COMPLETED", "COMPLETED"], logs
+    for log in logs:
+        assert log.splitlines().count("Finished Training") == 1 and "error:" not in log, log[-3000:]
+    assert len(list(tmp_path.glob("ckpt-*/latest"))) == 2
