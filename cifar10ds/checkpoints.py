@@ -5,8 +5,6 @@ failed write in one line, and one run per folder it writes (docs/checkpoints.md)
 import contextlib
 import dataclasses
 import datetime
-import errno
-import fcntl
 import json
 import os
 import re
@@ -325,7 +323,6 @@ def set_rng_state(rank_state):
 
 
 _held_locks = []  # the open lock files of the folders this process writes: closing one would release its lock
-RUN_FOLDERS = ("--save-dir", "--metrics-dir", "--tensorboard-dir")  # the folders a run writes, one run each
 
 
 def claim_folders(args):
@@ -335,20 +332,13 @@ def claim_folders(args):
     each other's checkpoints, or into one series that a plot or TensorBoard draws as one run. Every rank must call
     it.
 
-    The lock is a POSIX record lock (fcntl), which the kernel releases when its process ends, however it ends
-    (kill -9 too): a dead run leaves a file that stops nobody. On a shared file system the server holds it for the
+    The lock is a POSIX record lock (machine.lock_at_once). On a shared file system the server holds it for the
     client node: NFSv4, Lustre (mounted with flock), GPFS and BeeGFS lock across nodes, and release a node that
     went away once its lease ends (NFSv4: 90 s by default). Where the file system has no locks, rank 0 says so
     and the run goes on unguarded."""
-    holder, claimed = None, set()
-    for flag in RUN_FOLDERS if dist.get_rank() == 0 else ():
-        folder = getattr(args, flag[2:].replace("-", "_"))
-        if folder and os.path.realpath(folder) not in claimed:  # a folder given twice is one lock
-            claimed.add(os.path.realpath(folder))
-            holder = lock_folder(folder, flag)
-            if holder:
-                break
-    holders = [holder]
+    folders = (("--save-dir", args.save_dir), ("--metrics-dir", args.metrics_dir),
+               ("--tensorboard-dir", args.tensorboard_dir))
+    holders = [first_held(folders) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(holders, src=0)
     if holders[0]:
         flag, folder, run = holders[0]
@@ -356,17 +346,31 @@ def claim_folders(args):
                      f"another {flag}", status=FOLDER_IN_USE)
 
 
+def first_held(folders):
+    """Lock each (flag, folder) given, a folder named twice once; (flag, folder, the run holding it) for the first
+    that another run holds, or None."""
+    claimed = set()
+    for flag, folder in folders:
+        if folder and os.path.realpath(folder) not in claimed:
+            claimed.add(os.path.realpath(folder))
+            holder = lock_folder(folder, flag)
+            if holder:
+                return holder
+    return None
+
+
 def lock_folder(folder, flag):
     """Hold `folder`'s run lock for the rest of this process, or return (flag, folder, the run that holds it)."""
     fd = os.open(os.path.join(folder, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = machine.lock_at_once(fd)
     except OSError as e:
-        held = e.errno in (errno.EACCES, errno.EAGAIN)
-        if not held:
-            print(f"warning: {flag} {folder} has no file locks ({e.strerror}): nothing stops another run "
-                  f"from writing into it at the same time", flush=True)
-        holder = (flag, folder, run_holding(fd)) if held else None
+        print(f"warning: {flag} {folder} has no file locks ({e.strerror}): nothing stops another run "
+              f"from writing into it at the same time", flush=True)
+        os.close(fd)
+        return None
+    if not locked:
+        holder = (flag, folder, run_holding(fd))
         os.close(fd)
         return holder
     started = datetime.datetime.now().astimezone().isoformat(" ", "seconds")

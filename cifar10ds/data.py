@@ -124,33 +124,36 @@ def one_download_at_a_time(args, download):
     checks, downloads and unpacks it there. Runs started together on one fresh --data-dir (a job array, two run
     scripts) would otherwise each write the archive and unpack it over the other's, and one stop on data it found
     damaged half-way. A run that finds the lock held says so, waits for that run to finish, then finds the data
-    whole (or, where that run failed, downloads them itself). A POSIX record lock, as --save-dir's
-    (checkpoints.claim_folders): the kernel releases it when its process ends, however it ends. Where no lock file
-    can be made (a read-only --data-dir, which a download could not write either) or the file system has no locks,
-    the download goes on without."""
-    fd = None
-    if download and args.dataset == "cifar10":
-        try:
-            os.makedirs(args.data_dir, exist_ok=True)
-            fd = os.open(os.path.join(args.data_dir, DOWNLOAD_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            pass
+    whole (or, where that run failed, downloads them itself). A POSIX record lock (machine.lock_at_once), as
+    --save-dir's. Where no lock file can be made (a read-only --data-dir, which a download could not write either)
+    or the file system has no locks, the download goes on without."""
+    fd = download_lock_file(args) if download and args.dataset == "cifar10" else None
     try:
         if fd is not None:
-            take_download_lock(fd, args.data_dir)
+            wait_for_download_lock(fd, args.data_dir)
         yield
     finally:
         if fd is not None:
             os.close(fd)
 
 
-def take_download_lock(fd, data_dir):
+def download_lock_file(args):
+    """The lock file of --data-dir, open, or None where it cannot be made."""
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EAGAIN):  # another run holds it; any other error: no locks here
-            print(f"Waiting for another run to finish getting CIFAR-10 into {data_dir}", flush=True)
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+        os.makedirs(args.data_dir, exist_ok=True)
+        return os.open(os.path.join(args.data_dir, DOWNLOAD_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+
+
+def wait_for_download_lock(fd, data_dir):
+    try:
+        locked = machine.lock_at_once(fd)
+    except OSError:
+        return  # a file system without locks
+    if not locked:
+        print(f"Waiting for another run to finish getting CIFAR-10 into {data_dir}", flush=True)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
 
 
 def unpacked(args):

@@ -4,6 +4,7 @@ and the lines that say what was chosen (docs/gpu.md, docs/compile.md, docs/nodes
 import contextlib
 import datetime
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -75,6 +76,19 @@ def exit_without_teardown(after_ctrl_c="nothing was saved since the last complet
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def lock_at_once(fd):
+    """Take an exclusive POSIX record lock on the open file `fd` without waiting: True, or False where another
+    process holds it; a file system without locks raises its OSError. The kernel releases the lock when its
+    process ends, however it ends (kill -9 too)."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
 
 
 def first_line(error):
