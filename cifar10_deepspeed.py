@@ -24,7 +24,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from cifar10ds import checkpoints, data, fixes, launch, machine, metrics, model_files, options, preemption
+from cifar10ds import checkpoints, data, fixes, launch, machine, metrics, model_files, options, preemption, universal
 
 
 def add_argument(argv=None):
@@ -270,7 +270,7 @@ def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
 def resume(model_engine, args):
     """Continue from the newest checkpoint in --save-dir: weights, optimizer, LR schedule, loss scale, and the
     position in the run with every rank's random numbers; saved in this layout or another (world size, EP size,
-    ZeRO stage). Returns the Position to train on from."""
+    ZeRO stage), in this global batch or another. Returns the Position to train on from."""
     path, saved = checkpoints.latest(args, model_engine)  # this Net, this dtype; None: auto found none
     if path is None:
         return checkpoints.Position()
@@ -279,9 +279,9 @@ def resume(model_engine, args):
         if move is None:
             load_path, client_state = model_engine.load_checkpoint(args.save_dir, os.path.basename(path))
         else:  # through DeepSpeed's universal checkpoint, experts by global id
-            load_path, client_state = checkpoints.load_in_this_layout(model_engine, args, path, saved, Net)
+            load_path, client_state = universal.load_in_this_layout(model_engine, args, path, saved, Net)
     fixes.replay_host_adam_steps(model_engine)  # CPU Adam after a restart: the bias correction the saving run had
-    return checkpoints.position(load_path, client_state, path, move)
+    return checkpoints.position(load_path, client_state, path, saved, model_engine, move)
 
 
 def can_shard_eval(args, model_engine):

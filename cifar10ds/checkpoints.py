@@ -15,10 +15,11 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from cifar10ds import fixes, machine, model_files, options, universal
+from cifar10ds import data, machine, model_files, options, universal
 
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
-LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: load_in_this_layout
+LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: universal.load_in_this_layout
+POSITION = ("batch_size", "data_order_seed")  # what else it may change, mid-epoch as check_position allows
 SAVE_FAILED = 74  # the exit status of every rank when a checkpoint could not be written (EX_IOERR)
 RUN_LOCK = ".run.lock"  # in each folder a run writes: the run writing there holds a lock on it (claim_folders)
 FOLDER_IN_USE = 73  # the exit status of every rank when another run writes into one of them (EX_CANTCREAT)
@@ -34,11 +35,13 @@ class Position:
 
 
 def run_description(args, model_engine):
-    """What a checkpoint must match to be resumed: the model's shape, world size, precision and ZeRO stage."""
+    """What a checkpoint must match to be resumed: the model's shape, world size, precision and ZeRO stage; and
+    what a mid-epoch checkpoint's position counts in: the global batch and the data order (check_position)."""
     return {"moe": args.moe, "num_experts": args.num_experts if args.moe else None,
             "mlp_type": args.mlp_type if args.moe else None, "ep_world_size": args.ep_world_size if args.moe else None,
             "world_size": dist.get_world_size(), "dtype": options.config_dtype(model_engine.config),
-            "zero_stage": model_engine.zero_optimization_stage()}
+            "zero_stage": model_engine.zero_optimization_stage(), "batch_size": model_engine.train_batch_size(),
+            "data_order_seed": data.order_seed(args)}
 
 
 def tag_of(epoch, step=None):
@@ -189,7 +192,7 @@ def latest(args, model_engine):
     """The checkpoint --resume continues from, and the run that saved it (run.json): the one 'latest' names in
     --save-dir, if it holds this Net in this dtype and every file of it reads as data alone (model_files.load);
     (None, None) where --resume auto finds none. Anything else stops every rank with one line. Its layout (world
-    size, EP size, ZeRO stage) may differ from this run's: load_in_this_layout moves it."""
+    size, EP size, ZeRO stage) may differ from this run's: universal.load_in_this_layout moves it."""
     path = os.path.join(args.save_dir, "latest")
     if not os.path.isfile(path):
         if args.resume == "auto":
@@ -212,13 +215,15 @@ def latest(args, model_engine):
     except (OSError, ValueError):
         machine.stop(f"error: --resume: checkpoint {path} is incomplete (no readable run.json)")
     described = run_description(args, model_engine)
-    changed_keys = [key for key, value in described.items() if saved.get(key) != value and key not in LAYOUT]
+    changed_keys = [key for key, value in described.items()
+                    if saved.get(key) != value and key not in LAYOUT + POSITION]
     changed = [f"{key} {saved.get(key)} -> {described[key]}" for key in changed_keys]
     if changed:
         machine.stop(f"error: --resume: checkpoint {path} was saved by a different run ({', '.join(changed)}); "
                      f"resume with its settings, or save to another --save-dir"
                      + (f"; to train on from its weights in this dtype, start a new run with --init-from {path}"
                         if changed_keys == ["dtype"] else ""))
+    check_position(path, tag, saved, described)
     try:
         model_files.check_files(path)  # the safe way first: DeepSpeed's load_checkpoint reads with weights_only=False
     except model_files.ModelFileError as e:
@@ -226,62 +231,32 @@ def latest(args, model_engine):
     return path, saved
 
 
-def ranks(count):
-    return f"{count} rank{'s' if count > 1 else ''}"
+def check_position(path, tag, saved, now):
+    """A mid-epoch checkpoint goes on in its epoch's data order from the sample it stopped at: this run must draw
+    the same order (--seed), and in a global batch that divides the samples trained; a new batch size is fine."""
+    epoch, steps = checkpoint_order(tag)
+    if not steps:
+        return  # an epoch's end: the next epoch starts at its first sample, in any order and batch
+    batch, seed = (saved.get(key, now[key]) for key in POSITION)  # a checkpoint of an earlier version: as now
+    if seed != now["data_order_seed"]:
+        machine.stop(f"error: --resume: checkpoint {path} stopped in epoch {epoch + 1}, in the data order of --seed "
+                     f"{seed}: resume it with --seed {seed}, or from a checkpoint of an epoch's end")
+    if steps * batch % now["batch_size"]:
+        machine.stop(f"error: --resume: checkpoint {path} stopped {steps * batch} samples into epoch {epoch + 1} "
+                     f"({steps} batches of {batch}), not a whole number of batches of {now['batch_size']}: resume it "
+                     f"with a global batch that divides {steps * batch}, such as {batch}")
 
 
 def layout_of(run):
     """A run's layout in a few words: 4 ranks EP 4 ZeRO 1."""
     expert_parallel = [f"EP {run['ep_world_size']}"] if run["moe"] else []
-    return " ".join([ranks(run["world_size"]), *expert_parallel, f"ZeRO {run['zero_stage']}"])
+    return " ".join([universal.ranks(run["world_size"]), *expert_parallel, f"ZeRO {run['zero_stage']}"])
 
 
 def move_of(saved, args, model_engine):
     """How this run's layout differs from the saved run's ("4 ranks EP 4 ZeRO 1 -> 2 ranks EP 2 ZeRO 2"), or None."""
     now = run_description(args, model_engine)
     return f"{layout_of(saved)} -> {layout_of(now)}" if any(saved[key] != now[key] for key in LAYOUT) else None
-
-
-def load_in_this_layout(model_engine, args, path, saved, Net):
-    """Load checkpoint `path`, saved in another layout, into this engine through DeepSpeed's universal checkpoint:
-    each parameter's fp32 master and Adam's moments and step whole, in `path`/universal (rank 0 writes it; every
-    rank then reads only its own parameters), with the LR schedule, the position and the random numbers of the
-    checkpoint. Returns what load_checkpoint returns.
-
-    DeepSpeed's converter (ds_to_universal) reads dense ZeRO checkpoints; for MoE, and for ZeRO 0, which it does
-    not read, model_files.adam_states joins the same states, experts by global id. DeepSpeed's load_universal
-    path loads them at ZeRO 1 to 3; at ZeRO 0, which it does not serve, load_unpartitioned does."""
-    folder = os.path.join(path, "universal")
-    error = None
-    if dist.get_rank() == 0:
-        if saved["moe"]:
-            print("--resume: DeepSpeed's universal checkpoint cannot convert deepspeed.moe experts "
-                  "(deepspeedai/DeepSpeed#5716), so their masters and Adam states are joined here, by global id")
-            draws = args.noisy_gate_policy or args.top_k == 2 or args.drop_tokens  # noise, 2nd expert, token selection
-            if draws and saved["world_size"] != dist.get_world_size():
-                print(f"note: the gate's random draws are each rank's own, so on {ranks(dist.get_world_size())} they "
-                      f"differ from those of the saved run's {ranks(saved['world_size'])} from here")
-        try:
-            universal.write(path, folder, saved, Net, model_engine)
-        except (model_files.ModelFileError, OSError) as e:
-            error = f"error: --resume: cannot move checkpoint {path} to this layout: {e}"
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        machine.stop(next(e for e in errors if e))
-    if not model_engine.zero_optimization():
-        loaded = universal.load_unpartitioned(model_engine, folder)
-    else:
-        model_engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
-        try:
-            with fixes.read_experts_by_global_id(model_engine):
-                loaded = model_engine.load_checkpoint(path, "universal")
-        finally:
-            model_engine._config.load_universal_checkpoint = False
-    if model_engine.lr_scheduler is not None:  # the universal files hold this run's fresh groups: lr of step 0
-        for group, lr in zip(model_engine.basic_optimizer.param_groups, model_engine.lr_scheduler.get_lr()):
-            group["lr"] = lr
-    return loaded
 
 
 @contextlib.contextmanager
@@ -296,10 +271,11 @@ def stop_if_it_cannot_load(path):
                      f"load_checkpoint: {reason}", every_rank=True)
 
 
-def position(load_path, client_state, path, move=None):
+def position(load_path, client_state, path, saved, model_engine, move=None):
     """The Position a loaded checkpoint continues from, once every rank has loaded its part; its random numbers
     restored where the saving run had this rank, and rank 0's line saying where the run goes on and, after a
-    `move` to another layout, from which layout to which."""
+    `move` to another layout, from which layout to which. Mid-epoch, in a global batch other than the saved run's,
+    it goes on from the same sample (check_position)."""
     if load_path is None:
         machine.stop(f"error: --resume: cannot load checkpoint {path}: DeepSpeed found no model states there")
     try:
@@ -309,11 +285,15 @@ def position(load_path, client_state, path, move=None):
     states = client_state["rng_states"]
     rank_state = states[dist.get_rank()] if dist.get_rank() < len(states) else {
         "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state(), "interval": None}
-    start = Position(client_state["epoch"], client_state.get("step", 0), rank_state)
+    batch, saved_batch = model_engine.train_batch_size(), saved.get("batch_size", model_engine.train_batch_size())
+    samples = client_state.get("step", 0) * saved_batch
+    start = Position(client_state["epoch"], samples // batch, rank_state)
     set_rng_state(start.rank_state)
     if dist.get_rank() == 0:
+        rebatched = f" ({samples} samples into it, in batches of {batch}, {saved_batch} before)" \
+            if samples and batch != saved_batch else ""
         print(f"Resuming from {path} at epoch {start.epoch + 1}" + (f", step {start.step + 1}" if start.step else "")
-              + (f": {move}" if move else ""))
+              + rebatched + (f": {move}" if move else ""))
     return start
 
 

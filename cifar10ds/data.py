@@ -234,6 +234,11 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
         return self.num_samples - self.start
 
 
+def order_seed(args):
+    """The seed of the training data's order: --seed, else DistributedSampler's default, 0."""
+    return 0 if args.seed is None else args.seed
+
+
 def prepare_loader(trainloader, args):
     """DeepSpeed's training loader with a sampler a resumed epoch can start mid-way, seeded by --seed, and its
     worker processes chosen from the cores (DeepSpeed starts 2 per rank, whatever the cores; it reads the count
@@ -241,8 +246,7 @@ def prepare_loader(trainloader, args):
     asks always, and torch, finding none (a CPU run), warns at every run and pins nothing."""
     sampler = trainloader.data_sampler
     trainloader.data_sampler = ResumableSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank)
-    if args.seed is not None:
-        trainloader.data_sampler.seed = args.seed  # the data order; DistributedSampler's default seed is 0
+    trainloader.data_sampler.seed = order_seed(args)
     workers = 0 if args.data_path == "tensor" else machine.data_loader_workers()  # gathering a batch is one op
     trainloader.num_local_io_workers = workers if args.data_workers is None else args.data_workers
     trainloader.pin_memory = trainloader.pin_memory and torch.accelerator.is_available()

@@ -1,5 +1,5 @@
 """DeepSpeed's universal checkpoint, through which --resume moves a checkpoint to another layout
-(checkpoints.load_in_this_layout): any checkpoint of this script written in it, and loaded at ZeRO 0, which
+(load_in_this_layout): any checkpoint of this script written in it, and loaded at ZeRO 0, which
 DeepSpeed's load_universal path does not serve (docs/checkpoints.md)."""
 
 import argparse
@@ -8,12 +8,59 @@ import os
 import shutil
 
 import deepspeed
+import deepspeed.comm as dist
 import torch
 from deepspeed.checkpoint import ds_to_universal
 
-from cifar10ds import model_files
+from cifar10ds import fixes, machine, model_files
 
 ENGINE_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO 3
+
+
+def load_in_this_layout(model_engine, args, path, saved, Net):
+    """Load checkpoint `path`, saved in another layout, into this engine through DeepSpeed's universal checkpoint:
+    each parameter's fp32 master and Adam's moments and step whole, in `path`/universal (rank 0 writes it; every
+    rank then reads only its own parameters), with the LR schedule, the position and the random numbers of the
+    checkpoint. Returns what load_checkpoint returns.
+
+    DeepSpeed's converter (ds_to_universal) reads dense ZeRO checkpoints; for MoE, and for ZeRO 0, which it does
+    not read, model_files.adam_states joins the same states, experts by global id. DeepSpeed's load_universal
+    path loads them at ZeRO 1 to 3; at ZeRO 0, which it does not serve, load_unpartitioned does."""
+    folder = os.path.join(path, "universal")
+    error = None
+    if dist.get_rank() == 0:
+        if saved["moe"]:
+            print("--resume: DeepSpeed's universal checkpoint cannot convert deepspeed.moe experts "
+                  "(deepspeedai/DeepSpeed#5716), so their masters and Adam states are joined here, by global id")
+            draws = args.noisy_gate_policy or args.top_k == 2 or args.drop_tokens  # noise, 2nd expert, token selection
+            if draws and saved["world_size"] != dist.get_world_size():
+                print(f"note: the gate's random draws are each rank's own, so on {ranks(dist.get_world_size())} they "
+                      f"differ from those of the saved run's {ranks(saved['world_size'])} from here")
+        try:
+            write(path, folder, saved, Net, model_engine)
+        except (model_files.ModelFileError, OSError) as e:
+            error = f"error: --resume: cannot move checkpoint {path} to this layout: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        machine.stop(next(e for e in errors if e))
+    if not model_engine.zero_optimization():
+        loaded = load_unpartitioned(model_engine, folder)
+    else:
+        model_engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+        try:
+            with fixes.read_experts_by_global_id(model_engine):
+                loaded = model_engine.load_checkpoint(path, "universal")
+        finally:
+            model_engine._config.load_universal_checkpoint = False
+    if model_engine.lr_scheduler is not None:  # the universal files hold this run's fresh groups: lr of step 0
+        for group, lr in zip(model_engine.basic_optimizer.param_groups, model_engine.lr_scheduler.get_lr()):
+            group["lr"] = lr
+    return loaded
+
+
+def ranks(count):
+    return f"{count} rank{'s' if count > 1 else ''}"
 
 
 def write(path, folder, saved, Net, model_engine):

@@ -1,4 +1,4 @@
-"""--resume into another layout (cifar10ds/checkpoints.py, load_in_this_layout): a checkpoint of one world size,
+"""--resume into another layout (cifar10ds/universal.py, load_in_this_layout): a checkpoint of one world size,
 EP size and ZeRO stage goes on in another, weights, Adam's moments and step, LR schedule and position, as if it
 had never moved.
 

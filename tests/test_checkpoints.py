@@ -508,6 +508,53 @@ def test_keep_last_2_over_5_epochs_leaves_2_checkpoints_and_best(single_rank_gro
     assert (tmp_path / "best" / "eval.json").read_text() == '{"accuracy": 87.5}'
 
 
+def test_a_mid_epoch_checkpoint_resumed_in_another_batch_trains_the_rest_of_its_epoch(
+        single_rank_group, parse, tmp_path, capsys):
+    """SIGUSR1 at step 4 of an epoch of 24 batches of 4 saves epoch1-step16 (64 samples; a signal acts at the second
+    agreement after it). Resumed in batches of 8, the epoch goes on from sample 65 (step 9): 96 samples in all, none
+    skipped, none twice. A batch that does not divide 64, or another data order, is refused in one line before
+    anything loads."""
+    def flags(*extra):
+        return parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size",
+                     "8", "--dtype", "fp32", "-e", "1", "--log-interval", "100", "--seed", "0", "--save-dir",
+                     str(tmp_path), *extra)
+
+    args = flags("--batch-size", "4")
+    engine, trainloader, testset = engine_of(args)
+    def signal_in_step_4(*_):
+        if engine.global_steps == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    signals = preemption.Preemption()
+    try:
+        engine.module.register_forward_pre_hook(signal_in_step_4)
+        with pytest.raises(SystemExit) as stop:
+            cifar10_deepspeed.train(engine, trainloader, testset, args, signals=signals)
+    finally:
+        signals.close()
+    assert stop.value.code == preemption.PREEMPTED and (tmp_path / "latest").read_text() == "epoch1-step16"
+
+    for batch, line in (("24", "stopped 64 samples into epoch 1 (16 batches of 4), not a whole number of batches of "
+                               "24: resume it with a global batch that divides 64, such as 4"),
+                        ("8 --seed 1", "stopped in epoch 1, in the data order of --seed 0: resume it with --seed 0, "
+                                       "or from a checkpoint of an epoch's end")):
+        args = flags("--resume", "--batch-size", *batch.split())
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            cifar10_deepspeed.resume(engine_of(args)[0], args)
+        assert stop.value.code == 1 and capsys.readouterr().err == (
+            f"error: --resume: checkpoint {tmp_path / 'epoch1-step16'} {line}\n")
+
+    args = flags("--resume", "--batch-size", "8")
+    engine, trainloader, testset = engine_of(args)
+    start = cifar10_deepspeed.resume(engine, args)
+    assert (start.epoch, start.step) == (0, 8) and (
+        f"Resuming from {tmp_path / 'epoch1-step16'} at epoch 1, step 9 (64 samples into it, in batches of 8, 4 "
+        f"before)\n") in capsys.readouterr().out
+    cifar10_deepspeed.train(engine, trainloader, testset, args, start)
+    assert (engine.global_steps, engine.global_samples) == (16 + 4, 96)
+
+
 def test_checkpoints_are_ordered_by_the_training_they_hold():
     tags = ["epoch2", "epoch10", "epoch3-step40", "epoch3-step5", "epoch1"]
     assert sorted(tags, key=checkpoints.checkpoint_order) == [
