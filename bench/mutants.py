@@ -269,6 +269,9 @@ MUTANTS = [
     ("a mid-epoch resume in another batch starts at the saved step, not sample", CHECKPOINT,
      'Position(client_state["epoch"], samples // batch, rank_state)',
      'Position(client_state["epoch"], client_state.get("step", 0), rank_state)', [CHECKPOINTS, "-k", "another_batch"]),
+    ("a resumed run's first throughput line counts the saved run's steps as its own", LINES,
+     "(samples - self.interval_samples) / seconds", "self.args.log_interval * engine.train_batch_size() / seconds",
+     [CHECKPOINTS, "-k", "another_batch"]),
     ("a mid-epoch resume goes on in another data order", CHECKPOINT, 'if seed != now["data_order_seed"]:', "if False:",
      [CHECKPOINTS, "-k", "another_batch"]),
     # monitors

@@ -270,7 +270,7 @@ class Log:
         self.steps = self.restore(interval) if interval else []
         if self.router and not interval:
             self.router.reset()  # an interval ends with its epoch, as the loss lines' do
-        epoch_start = self.interval_start = time.perf_counter()
+        epoch_start = self.start_interval()
         show = self.args.progress and dist.get_rank() == 0 and sys.stdout.isatty()
         with (tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}", unit="step", file=sys.stdout,
                    leave=False, disable=not show, dynamic_ncols=True) as self.bar,
@@ -310,12 +310,13 @@ class Log:
         """
         losses, norms = self.write_steps()
         seconds = time.perf_counter() - self.interval_start
-        interval, engine, samples = self.args.log_interval, self.engine, self.engine.global_samples
+        engine, samples = self.engine, self.engine.global_samples
         prefix = batch_label(epoch + 1, step + 1)
-        samples_per_sec = interval * engine.train_batch_size() / seconds
+        samples_per_sec = (samples - self.interval_samples) / seconds  # after a resume: what this run timed alone
         events = [("Train/Samples/samples_per_sec", samples_per_sec, samples)]
         accelerator = get_accelerator()
-        speed = [f"{samples_per_sec:.0f} samples/s", f"{seconds / interval * self.steps_per_epoch:.1f} s/epoch",
+        epoch_seconds = self.steps_per_epoch * engine.train_batch_size() / samples_per_sec
+        speed = [f"{samples_per_sec:.0f} samples/s", f"{epoch_seconds:.1f} s/epoch",
                  clipping_summary(norms, engine.gradient_clipping()),
                  f"peak {accelerator.device_name()} memory {accelerator.max_memory_allocated() / 2**20:.0f} MiB"]
         lines = [loss_line(epoch + 1, step + 1, sum(losses) / len(losses)),
@@ -337,7 +338,12 @@ class Log:
                 print("\n".join(lines), flush=True)
         self.bar.set_postfix(shown)  # the last log line's figures: the bar reads nothing from the device
         engine.monitor.write_events(events)
-        self.interval_start = time.perf_counter()
+        self.start_interval()
+
+    def start_interval(self):
+        """Start the clock of the throughput line, and its count of samples; returns the time."""
+        self.interval_start, self.interval_samples = time.perf_counter(), self.engine.global_samples
+        return self.interval_start
 
     def print_accuracy(self, epoch, class_correct, class_total):
         """`[3] accuracy of the network on the 10000 test images: 61.2 %` after an --eval-every epoch; returns it."""

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import cifar10_deepspeed
-from cifar10ds import checkpoints, model_files, options, preemption
+from cifar10ds import checkpoints, metrics, model_files, options, preemption
 from cifar10ds.launch import free_port
 from conftest import (LAUNCH_TIMEOUT, ROOT, children, is_running, kill_session, launch_env, live_processes, metric, paused,
                       rank_pid, run_command, signal_when)
@@ -509,14 +509,15 @@ def test_keep_last_2_over_5_epochs_leaves_2_checkpoints_and_best(single_rank_gro
 
 
 def test_a_mid_epoch_checkpoint_resumed_in_another_batch_trains_the_rest_of_its_epoch(
-        single_rank_group, parse, tmp_path, capsys):
+        single_rank_group, parse, tmp_path, capsys, monkeypatch):
     """SIGUSR1 at step 4 of an epoch of 24 batches of 4 saves epoch1-step16 (64 samples; a signal acts at the second
     agreement after it). Resumed in batches of 8, the epoch goes on from sample 65 (step 9): 96 samples in all, none
-    skipped, none twice. A batch that does not divide 64, or another data order, is refused in one line before
-    anything loads."""
+    skipped, none twice. Its first throughput line, whose interval began in the saved run, counts the 2 steps this
+    run timed (on a clock that ticks a second a step). A batch that does not divide 64, or another data order, is
+    refused in one line before anything loads."""
     def flags(*extra):
         return parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size",
-                     "8", "--dtype", "fp32", "-e", "1", "--log-interval", "100", "--seed", "0", "--save-dir",
+                     "8", "--dtype", "fp32", "-e", "1", "--log-interval", "10", "--seed", "0", "--save-dir",
                      str(tmp_path), *extra)
 
     args = flags("--batch-size", "4")
@@ -551,8 +552,10 @@ def test_a_mid_epoch_checkpoint_resumed_in_another_batch_trains_the_rest_of_its_
     assert (start.epoch, start.step) == (0, 8) and (
         f"Resuming from {tmp_path / 'epoch1-step16'} at epoch 1, step 9 (64 samples into it, in batches of 8, 4 "
         f"before)\n") in capsys.readouterr().out
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: float(engine.global_steps)))
     cifar10_deepspeed.train(engine, trainloader, testset, args, start)
     assert (engine.global_steps, engine.global_samples) == (16 + 4, 96)
+    assert "[ 1,    10] 8 samples/s, 12.0 s/epoch," in capsys.readouterr().out  # steps 17 and 18, of 8 samples
 
 
 def test_checkpoints_are_ordered_by_the_training_they_hold():
