@@ -272,6 +272,10 @@ MUTANTS = [
     ("a resumed run's first throughput line counts the saved run's steps as its own", LINES,
      "(samples - self.interval_samples) / seconds", "self.args.log_interval * engine.train_batch_size() / seconds",
      [CHECKPOINTS, "-k", "another_batch"]),
+    ("a --save-dir local to each node is accepted", CHECKPOINT, "    stop_unless_every_node_shares(args.save_dir, held[1])\n",
+     "", [CHECKPOINTS, "-k", "two_nodes"]),
+    ("rank 0 reopens the save dir's lock file to read it, which releases its lock", CHECKPOINT,
+     "written_in_lock(args.save_dir)]", "args.save_dir and read_lock(args.save_dir)]", [CHECKPOINTS, "-k", "live_runs"]),
     ("a mid-epoch resume goes on in another data order", CHECKPOINT, 'if seed != now["data_order_seed"]:', "if False:",
      [CHECKPOINTS, "-k", "another_batch"]),
     # monitors

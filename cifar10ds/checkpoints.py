@@ -15,7 +15,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from cifar10ds import data, machine, model_files, options, universal
+from cifar10ds import data, launch, machine, model_files, options, universal
 
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
 LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: universal.load_in_this_layout
@@ -302,15 +302,14 @@ def set_rng_state(rank_state):
     get_accelerator().set_rng_state(rank_state["accelerator"])
 
 
-_held_locks = []  # the open lock files of the folders this process writes: closing one would release its lock
+_held_locks = {}  # real path: the open lock file of a folder this process writes (closing any fd of it unlocks)
 
 
 def claim_folders(args):
     """One run per folder it writes: rank 0 takes a lock on .run.lock in --save-dir, --metrics-dir and
     --tensorboard-dir for the whole run, and writes there which run holds it (host, process, start). Where another
     live run holds one, every rank stops with one line naming that run, before any work: two runs would write over
-    each other's checkpoints, or into one series that a plot or TensorBoard draws as one run. Every rank must call
-    it.
+    each other's checkpoints, or into one series that a plot or TensorBoard draws as one run. Every rank calls it.
 
     The lock is a POSIX record lock (machine.lock_at_once). On a shared file system the server holds it for the
     client node: NFSv4, Lustre (mounted with flock), GPFS and BeeGFS lock across nodes, and release a node that
@@ -318,12 +317,41 @@ def claim_folders(args):
     and the run goes on unguarded."""
     folders = (("--save-dir", args.save_dir), ("--metrics-dir", args.metrics_dir),
                ("--tensorboard-dir", args.tensorboard_dir))
-    holders = [first_held(folders) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(holders, src=0)
-    if holders[0]:
-        flag, folder, run = holders[0]
+    held = [first_held(folders), written_in_lock(args.save_dir)] if dist.get_rank() == 0 else [None, None]
+    dist.broadcast_object_list(held, src=0)
+    if held[0]:
+        flag, folder, run = held[0]
         machine.stop(f"error: {flag} {folder} is in use by another run ({run}): wait for it to end, or give this run "
                      f"another {flag}", status=FOLDER_IN_USE)
+    stop_unless_every_node_shares(args.save_dir, held[1])
+
+
+def stop_unless_every_node_shares(save_dir, lock):
+    """Each other node's first rank reads the run lock rank 0 wrote in --save-dir. A node that does not find it has
+    a folder of its own (a local disk): its ranks would save their part of each checkpoint apart, and --resume
+    load on some nodes and start afresh on others (a hang). Every rank stops with one line, before any work."""
+    elsewhere = launch.local_rank() == 0 and dist.get_rank() != 0
+    apart = [None] * dist.get_world_size()
+    dist.all_gather_object(apart, socket.gethostname() if elsewhere and lock and read_lock(save_dir) != lock else None)
+    if host := next((host for host in apart if host), None):
+        machine.stop(f"cifar10_deepspeed.py: error: --save-dir {save_dir} is not one folder every node shares: on host "
+                     f"{host} it does not hold what rank 0 wrote there; give a folder on a file system every node "
+                     f"mounts (docs/nodes.md)", status=2)
+
+
+def written_in_lock(folder):
+    """What this process wrote in the run lock it holds on `folder`, or None: read through the descriptor it holds."""
+    fd = _held_locks.get(os.path.realpath(folder)) if folder else None
+    return None if fd is None else os.pread(fd, 4096, 0).decode()
+
+
+def read_lock(folder):
+    """What the run lock file in `folder` holds, or None (in a process holding no lock on it)."""
+    try:
+        with open(os.path.join(folder, RUN_LOCK)) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def first_held(folders):
@@ -357,7 +385,8 @@ def lock_folder(folder, flag):
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
                              "slurm_job": os.environ.get("SLURM_JOB_ID")}).encode())
-    _held_locks.append(fd)
+    os.fsync(fd)  # on NFS, other nodes see what a file holds once it is flushed (or closed: this one stays open)
+    _held_locks[os.path.realpath(folder)] = fd
     return None
 
 

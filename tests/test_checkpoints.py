@@ -12,6 +12,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -149,8 +150,17 @@ def test_resume_under_zero_replays_the_uninterrupted_run(launch, script, tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_on_two_nodes_from_a_shared_save_dir(tmp_path):
+def test_two_nodes_resume_from_a_shared_save_dir_and_refuse_one_of_their_own(tmp_path):
+    """A relative --save-dir on nodes started in folders of their own is a node-local folder: each node's ranks would
+    save apart, and --resume load on node 0 and start afresh on node 1 (a hang, until the collective timeout).
+    Every rank stops at once with one line. A shared one trains and resumes."""
     nodes = Nodes(tmp_path)
+    local = ["--dtype", "fp32", *SYNTHETIC, "--synthetic-train-size", "800", "--save-dir", "ckpt"]
+    for run in nodes.run(script("run_ds.sh", *local), timeout=120):
+        assert run.returncode != 0 and "Traceback" not in run.output and (
+            f"cifar10_deepspeed.py: error: --save-dir ckpt is not one folder every node shares: on host "
+            f"{socket.gethostname()} it does not hold what rank 0 wrote there; give a folder on a file system every "
+            f"node mounts (docs/nodes.md)") in run.output.splitlines(), run.output[-3000:]
     shared = tmp_path / "ckpt"
     flags = ["--dtype", "fp32", *SYNTHETIC, "--log-interval", "50", "--synthetic-train-size", "800", "--save-dir", shared]
     for run in nodes.run(script("run_ds.sh", *flags, "-e", "1")):
