@@ -243,33 +243,41 @@ def refused(launch, cmd, save_dir, *extra):
     return errors[0]
 
 
+def resume_refused(parse, capsys, save_dir, *extra):
+    """The script's resume() in this process, on a dense fp32 engine (and `extra` flags): its one line, exit 1."""
+    args = parse("--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--synthetic-train-size", "160", "--synthetic-test-size",
+                 "40", "--save-dir", str(save_dir), "--resume", *extra)
+    engine = engine_of(args)[0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cifar10_deepspeed.resume(engine, args)
+    assert stop.value.code == 1
+    return capsys.readouterr().err.strip()
+
+
 @pytest.mark.slow
-def test_resume_from_an_empty_directory_is_refused(launch, saved_dense_run, tmp_path):
-    cmd, _ = saved_dense_run
-    assert refused(launch, cmd, tmp_path / "empty") == (
+def test_resume_from_an_empty_directory_or_into_another_model_shape_is_refused(
+        single_rank_group, parse, capsys, saved_dense_run, tmp_path):
+    _, save_dir = saved_dense_run
+    assert resume_refused(parse, capsys, tmp_path / "empty") == (
         f"error: --resume: no checkpoint in {tmp_path / 'empty'} (it has no 'latest' file)")
-
-
-@pytest.mark.slow
-def test_resume_into_another_model_shape_is_refused(launch, saved_dense_run):
-    cmd, save_dir = saved_dense_run
-    assert refused(launch, cmd, save_dir, "--moe", "--num-experts", "2") == (
+    assert resume_refused(parse, capsys, save_dir, "--moe", "--num-experts", "2") == (
         f"error: --resume: checkpoint {save_dir / 'epoch1'} was saved by a different run "
         "(moe False -> True, num_experts None -> [2], mlp_type None -> standard); "
         "resume with its settings, or save to another --save-dir")
 
 
 @pytest.mark.slow
-def test_resume_from_a_partial_checkpoint_is_refused(launch, saved_dense_run, tmp_path):
-    cmd, save_dir = saved_dense_run
+def test_resume_from_a_partial_checkpoint_is_refused(single_rank_group, parse, capsys, saved_dense_run, tmp_path):
+    _, save_dir = saved_dense_run
     partial = tmp_path / "partial"
     subprocess.run(["cp", "-r", str(save_dir), str(partial)], check=True)
     (partial / "epoch1" / "mp_rank_00_model_states.pt").unlink()
-    error = refused(launch, cmd, partial)
-    assert error.startswith(f"error: --resume: cannot load checkpoint {partial / 'epoch1'}: ")
+    assert resume_refused(parse, capsys, partial).startswith(
+        f"error: --resume: cannot load checkpoint {partial / 'epoch1'}: ")
 
     (partial / "epoch1" / "run.json").unlink()
-    assert refused(launch, cmd, partial) == (
+    assert resume_refused(parse, capsys, partial) == (
         f"error: --resume: checkpoint {partial / 'epoch1'} is incomplete (no readable run.json)")
 
 
