@@ -557,12 +557,8 @@ def test_a_mid_epoch_checkpoint_resumed_in_another_batch_trains_the_rest_of_its_
                                "24: resume it with a global batch that divides 64, such as 4"),
                         ("8 --seed 1", "stopped in epoch 1, in the data order of --seed 0: resume it with --seed 0, "
                                        "or from a checkpoint of an epoch's end")):
-        args = flags("--resume", "--batch-size", *batch.split())
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stop:
-            cifar10_deepspeed.resume(engine_of(args)[0], args)
-        assert stop.value.code == 1 and capsys.readouterr().err == (
-            f"error: --resume: checkpoint {tmp_path / 'epoch1-step16'} {line}\n")
+        assert resume_refused(parse, capsys, tmp_path, "--batch-size", *batch.split()) == (
+            f"error: --resume: checkpoint {tmp_path / 'epoch1-step16'} {line}")
 
     args = flags("--resume", "--batch-size", "8")
     engine, trainloader, testset = engine_of(args)
