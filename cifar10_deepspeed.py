@@ -14,6 +14,7 @@ fixes.clip_by_the_global_norm, fixes.replay_host_adam_steps, and machine.use_tor
 """
 
 import os
+import signal
 
 import deepspeed
 import deepspeed.comm as dist
@@ -254,7 +255,7 @@ def train(model_engine, trainloader, testset, args, start=None, signals=None):
             checkpoints.mark_best(args.save_dir, tag, accuracy)
         if signum := signals.agreed():
             signals.stop(signum, args.save_dir, tag)
-    signals.close()
+    signals.close(signal.SIGINT)  # a Ctrl-C stops the final test at once; a scheduler's signal lets it end (main)
 
 
 def save_checkpoint(model_engine, args, epoch, step=None, interval=None):
@@ -375,6 +376,7 @@ def main(args):
                         shard=can_shard_eval(args, model_engine))
     model_engine.monitor.write_events([("Eval/accuracy", 100 * accuracy, model_engine.global_samples)])
     dist.destroy_process_group()
+    signals.finish()
 
 
 if __name__ == "__main__":

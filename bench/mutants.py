@@ -170,6 +170,8 @@ MUTANTS = [
     ("a signal during start-up is forgotten", SCRIPT,
      "        train(model_engine, trainloader, testset, args, start, signals)",
      "        train(model_engine, trainloader, testset, args, start)", [CHECKPOINTS, "-k", "start_up"]),
+    ("a scheduler's signal during the final test ends the run in silence", SCRIPT, "signals.close(signal.SIGINT)",
+     "signals.close()", [CHECKPOINTS, "-k", "final_test"]),
     ("a move to another layout starts the fp16 loss scale afresh", PACKAGE + "universal.py",
      'if key in ("loss_scaler", "dynamic_loss_scale")} if os.path.isfile(first)', "if key in ()} if os.path.isfile(first)",
      MOVES[:1] + ["-k", "fp16"]),

@@ -3,13 +3,14 @@
 
 import os
 import signal
+import sys
 import time
 
 import deepspeed.comm as dist
 import numpy
 import torch
 
-from cifar10ds import machine
+from cifar10ds import launch, machine
 
 CHECK_EVERY = 8  # optimizer steps between the ranks' agreement on a signal: one small all-reduce on the host
 PREEMPTED = 75  # the exit status of a rank that was preempted and saved a checkpoint (EX_TEMPFAIL)
@@ -22,7 +23,8 @@ class Preemption:
     being written). Made as the run starts, so that a signal during start-up is kept too. The ranks agree on it at
     a step boundary, every CHECK_EVERY steps and at each epoch's end, then save where they are and leave together
     with exit status PREEMPTED (run again with --resume), 128 + 2 after a Ctrl-C (a person's stop, which a batch
-    script must not requeue), or 128 + the signal's number where there is no --save-dir and nothing was saved."""
+    script must not requeue), or 128 + the signal's number where there is no --save-dir and nothing was saved.
+    After training, a Ctrl-C stops the final test at once; a scheduler's signal lets it finish (finish())."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # by precedence where ranks saw different ones
     PASSED_ON = 1.0  # seconds within which a second SIGINT is the first Ctrl-C passed on by a launcher (torchrun's)
@@ -92,6 +94,15 @@ class Preemption:
                          f"from there (exit {status})", status=status)
         machine.stop(f"{by}: nothing saved, as there is no --save-dir (exit {status})", status=status)
 
-    def close(self):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+    def close(self, *signums):
+        """Give back the handlers this one replaced: of `signums`, or of every signal left."""
+        for signum in signums or list(self.previous):
+            signal.signal(signum, self.previous.pop(signum))
+
+    def finish(self):
+        """The run has finished: close, and say so where a scheduler's signal came after training's last
+        agreement, which the final test was let finish (nothing was left to save; exit 0, nothing to requeue)."""
+        self.close()
+        if self.signum in (signal.SIGTERM, signal.SIGUSR1) and launch.rank() == 0:
+            print(f"{signal.Signals(self.signum).name} came after training had finished: the final test ran to "
+                  "its end, and the run ends as finished (exit 0)", file=sys.stderr, flush=True)

@@ -74,6 +74,16 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(f"{accuracy:5.1f} % (at least {least} %)  {test}")
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """The test process's signal handlers, given back after each test: a run's train() leaves SIGTERM and SIGUSR1
+    noted for the final test that follows it in main()."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture
 def parse():
     """Parse command-line flags as the script does."""

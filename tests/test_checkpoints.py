@@ -455,6 +455,26 @@ def test_slurms_signal_during_start_up_stops_the_run_at_its_first_agreement(laun
 
 
 @pytest.mark.slow
+def test_slurms_signals_during_the_final_test_let_it_finish_and_the_run_ends_as_finished(script, tmp_path):
+    """SIGUSR1 and SIGTERM once training has finished and was saved (a time limit that comes during Step 4): the
+    final test runs to its end and prints its lines, and the run exits 0, as finished, saying why (not the signal's
+    default action, which ended the process in silence: exit 138, neither requeued nor finished). The test's
+    20,000 images take seconds, longer than the signals take to arrive."""
+    def usr1_then_term(launcher, _):
+        launcher.send_signal(signal.SIGUSR1)
+        launcher.send_signal(signal.SIGTERM)
+    run, _ = signal_when(["python", script, "--deepspeed", *SMALL, "-e", "1", "--synthetic-test-size", "20000",
+                          "--save-dir", tmp_path / "ckpt"], tmp_path, lambda line: line == "Finished Training\n",
+                         usr1_then_term)
+    assert run.returncode == 0, run.output[-3000:]
+    lines = run.output.splitlines()
+    assert "Accuracy of the network on the 20000 test images:" in lines[-12] and lines[-11].startswith(
+        "Accuracy of plane :") and lines[-1] == ("SIGTERM came after training had finished: the final test ran to "
+                                                  "its end, and the run ends as finished (exit 0)"), run.output[-3000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch1"
+
+
+@pytest.mark.slow
 def test_ctrl_c_on_torchrun_saves_and_its_ranks_print_no_traceback(script, tmp_path):
     """torchrun starts each rank in a session of its own: the terminal's Ctrl-C reaches torchrun, which passes it
     on. The ranks save and say where in one line; torchrun prints a traceback of its own (its SignalException,
