@@ -25,7 +25,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from cifar10ds import checkpoints, data, fixes, launch, machine, metrics, model_files, options, preemption, universal
+from cifar10ds import (checkpoints, data, fixes, folders, launch, machine, metrics, model_files, options, preemption,
+                       universal)
 
 
 def add_argument(argv=None):
@@ -346,7 +347,7 @@ def main(args):
         with machine.stop_if_the_port_is_taken():
             deepspeed.init_distributed(timeout=timeout)
         get_accelerator().set_device(launch.local_rank())
-        checkpoints.claim_folders(args)  # one run per --save-dir, --metrics-dir: another live run's is one line
+        folders.claim(args)  # one run per --save-dir, --metrics-dir: another live run's is one line
         options.refuse_what_deepspeed_refuses(config)  # its config checks, before any work
 
         ########################################################################

@@ -23,12 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 T = "tests/"
 LESSON, OPTIONS, DATA, LAUNCH = T + "test_cifar10_deepspeed.py", T + "test_options.py", T + "test_data.py", T + "test_launch.py"
 MACHINE, FIXES, CHECKPOINTS, METRICS = T + "test_machine.py", T + "test_fixes.py", T + "test_checkpoints.py", T + "test_metrics.py"
+FOLDER_TESTS = T + "test_folders.py"
 MODEL_FILES, MOVES = T + "test_model_files.py", [T + "test_checkpoint_moves.py", "-k", "goes_on"]
 LAYOUT_EP2 = [T + "test_layouts.py", "-k", "fp32-zero0-top2-w2-ep2-acting"]
 ROUTES = [METRICS, "-k", "independent_count and 2"]
 SCRIPT, PACKAGE = "cifar10_deepspeed.py", "cifar10ds/"
 CONFIG, CHECKPOINT, DATASETS, FIX = PACKAGE + "options.py", PACKAGE + "checkpoints.py", PACKAGE + "data.py", PACKAGE + "fixes.py"
 RANKS, ACCELERATOR, LINES, FILES = PACKAGE + "launch.py", PACKAGE + "machine.py", PACKAGE + "metrics.py", PACKAGE + "model_files.py"
+FOLDERS = PACKAGE + "folders.py"
 
 # (what the mistake is, the file it is in, the text there, what it becomes, the tests that must catch it)
 MUTANTS = [
@@ -201,12 +203,12 @@ MUTANTS = [
      "    machine.time_steps_without_synchronizing(config)  #", "    pass  #", [MACHINE, "-k", "40_steps"]),
     ("a config's synchronized throughput timer is overruled", ACCELERATOR, '.setdefault("synchronized", False)',
      '["synchronized"] = False', [MACHINE, "-k", "throughput_timer"]),
-    ("two runs write into one save dir", SCRIPT, "        checkpoints.claim_folders(args)  #",
-     "        pass  #", [CHECKPOINTS, "-k", "live_runs_folders"]),
+    ("two runs write into one save dir", SCRIPT, "        folders.claim(args)  #",
+     "        pass  #", [FOLDER_TESTS, "-k", "live_runs_folders"]),
     ("an array's jobs on one node share the port 29500", "run_slurm.sbatch",
      "${MASTER_PORT:-$(python3 cifar10ds/launch.py free-port)}", "${MASTER_PORT:-29500}", [CHECKPOINTS, "-k", "arrays_jobs"]),
-    ("two runs write into one metrics dir", CHECKPOINT, '("--metrics-dir", args.metrics_dir),\n',
-     '\n', [CHECKPOINTS, "-k", "live_runs_folders"]),
+    ("two runs write into one metrics dir", FOLDERS, '[("--save-dir", args.save_dir), *series_folders(args)]',
+     '[("--save-dir", args.save_dir)]', [FOLDER_TESTS, "-k", "live_runs_folders"]),
     ("predict.py compiles DeepSpeed's shared-memory all-reduce on a first run", "predict.py",
      "        fixes.skip_the_shared_memory_all_reduce()\n", "", [MODEL_FILES, "-k", "predict_evaluates"]),
     ("a free port is the kernel's pick, which any connection may take before the run binds it", RANKS,
@@ -229,16 +231,19 @@ MUTANTS = [
     ("--resume hands DeepSpeed files it has not read safely", CHECKPOINT, "        model_files.check_files(path)  #",
      "        pass  #", [MODEL_FILES, "-k", "runs_code"]),
     ("--save-dir and --data-dir are not checked at the start", CONFIG,
-     "reason = check_args(args, config, launch.world_size()) or check_directories(args)",
-     "reason = check_args(args, config, launch.world_size())", [OPTIONS, "-k", "cannot_hold_files"]),
-    ("--metrics-dir is not checked at the start", CONFIG,
-     '        ("--metrics-dir", args.metrics_dir, "cannot hold the metrics"),\n', "", [OPTIONS, "-k", "cannot_hold_files"]),
-    ("a new run writes over an earlier run's checkpoints", CONFIG, "if latest and os.path.isfile(latest):", "if False:",
-     [OPTIONS, "-k", "earlier_run"]),
-    ("a new run's series join an earlier run's", CONFIG, "if series and glob.glob(os.path.join(glob.escape(series), \"*\")):",
-     "if False:", [OPTIONS, "-k", "earlier_run"]),
-    ("--resume is refused on the run it continues", CONFIG, "    if args.resume:\n        return None\n    latest", "    latest",
-     [OPTIONS, "-k", "earlier_run"]),
+     " or folders.check_directories(args)\n              or", " or", [FOLDER_TESTS, "-k", "cannot_hold_files"]),
+    ("--metrics-dir is not checked at the start", FOLDERS,
+     '        ("--metrics-dir", args.metrics_dir, "cannot hold the metrics"),\n', "", [FOLDER_TESTS, "-k", "cannot_hold_files"]),
+    ("a new run writes over an earlier run's checkpoints", FOLDERS, "if latest and os.path.isfile(latest):", "if False:",
+     [FOLDER_TESTS, "-k", "earlier_run"]),
+    ("a new run's series join an earlier run's", FOLDERS, "        if holds_series(folder):\n", "        if False:\n",
+     [FOLDER_TESTS, "-k", "earlier_run"]),
+    ("--resume is refused on the run it continues", FOLDERS, "    if args.resume:\n        return None\n    latest", "    latest",
+     [FOLDER_TESTS, "-k", "earlier_run"]),
+    ("--resume auto appends to the series of the job before it in an array", FOLDERS,
+     "        if holds_series(folder) and earlier.get(", "        if False and earlier.get(", [FOLDER_TESTS, "-k", "earlier_run"]),
+    ("a run refused for another run's series writes its record over that run's", FOLDERS,
+     "        if not any(found):\n            write_record()\n", "        write_record()\n", [FOLDER_TESTS, "-k", "earlier_run"]),
     ("predict.py drops the tokens over an expert's capacity from a batch of images", "predict.py",
      '{**exported["model"], "drop_tokens": False} if keep_every_token', '{**exported["model"]} if keep_every_token',
      [MODEL_FILES, "-k", "its_own_answer"]),
@@ -274,10 +279,11 @@ MUTANTS = [
     ("a resumed run's first throughput line counts the saved run's steps as its own", LINES,
      "(samples - self.interval_samples) / seconds", "self.args.log_interval * engine.train_batch_size() / seconds",
      [CHECKPOINTS, "-k", "another_batch"]),
-    ("a --save-dir local to each node is accepted", CHECKPOINT, "    stop_unless_every_node_shares(args.save_dir, held[1])\n",
+    ("a --save-dir local to each node is accepted", FOLDERS, "    stop_unless_every_node_shares(args.save_dir, found[2])\n",
      "", [CHECKPOINTS, "-k", "two_nodes"]),
-    ("rank 0 reopens the save dir's lock file to read it, which releases its lock", CHECKPOINT,
-     "written_in_lock(args.save_dir)]", "args.save_dir and read_lock(args.save_dir)]", [CHECKPOINTS, "-k", "live_runs"]),
+    ("rank 0 reopens the save dir's lock file to read it, which releases its lock", FOLDERS,
+     "found[2] = written_in_lock(args.save_dir)", "found[2] = args.save_dir and read_lock(args.save_dir)",
+     [FOLDER_TESTS, "-k", "live_runs"]),
     ("a mid-epoch resume goes on in another data order", CHECKPOINT, 'if seed != now["data_order_seed"]:', "if False:",
      [CHECKPOINTS, "-k", "another_batch"]),
     # monitors

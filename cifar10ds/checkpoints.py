@@ -1,28 +1,24 @@
 """Checkpoints around DeepSpeed's save_checkpoint and load_checkpoint: what each holds beyond the engine's state
 (run.json, the position, every rank's random numbers), 'latest' and 'best', --keep-last, --resume's checks, a
-failed write in one line, and one run per folder it writes (docs/checkpoints.md). A signal's save: preemption.py."""
+failed write in one line (docs/checkpoints.md). A signal's save: preemption.py; one run per folder: folders.py."""
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import re
 import shutil
-import socket
 
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from cifar10ds import data, launch, machine, model_files, options, universal
+from cifar10ds import data, machine, model_files, options, universal
 
 CHECKPOINT_TAG = re.compile(r"epoch(\d+)(?:-step(\d+))?$")  # epoch<N> at its end, epoch<N>-step<S> mid-epoch
 LAYOUT = ("world_size", "ep_world_size", "zero_stage")  # what --resume may change: universal.load_in_this_layout
 POSITION = ("batch_size", "data_order_seed")  # what else it may change, mid-epoch as check_position allows
 SAVE_FAILED = 74  # the exit status of every rank when a checkpoint could not be written (EX_IOERR)
-RUN_LOCK = ".run.lock"  # in each folder a run writes: the run writing there holds a lock on it (claim_folders)
-FOLDER_IN_USE = 73  # the exit status of every rank when another run writes into one of them (EX_CANTCREAT)
 
 
 @dataclasses.dataclass
@@ -300,101 +296,3 @@ def position(load_path, client_state, path, saved, model_engine, move=None):
 def set_rng_state(rank_state):
     torch.set_rng_state(rank_state["torch"])
     get_accelerator().set_rng_state(rank_state["accelerator"])
-
-
-_held_locks = {}  # real path: the open lock file of a folder this process writes (closing any fd of it unlocks)
-
-
-def claim_folders(args):
-    """One run per folder it writes: rank 0 takes a lock on .run.lock in --save-dir, --metrics-dir and
-    --tensorboard-dir for the whole run, and writes there which run holds it (host, process, start). Where another
-    live run holds one, every rank stops with one line naming that run, before any work: two runs would write over
-    each other's checkpoints, or into one series that a plot or TensorBoard draws as one run. Every rank calls it.
-
-    The lock is a POSIX record lock (machine.lock_at_once). On a shared file system the server holds it for the
-    client node: NFSv4, Lustre (mounted with flock), GPFS and BeeGFS lock across nodes, and release a node that
-    went away once its lease ends (NFSv4: 90 s by default). Where the file system has no locks, rank 0 says so
-    and the run goes on unguarded."""
-    folders = (("--save-dir", args.save_dir), ("--metrics-dir", args.metrics_dir),
-               ("--tensorboard-dir", args.tensorboard_dir))
-    held = [first_held(folders), written_in_lock(args.save_dir)] if dist.get_rank() == 0 else [None, None]
-    dist.broadcast_object_list(held, src=0)
-    if held[0]:
-        flag, folder, run = held[0]
-        machine.stop(f"error: {flag} {folder} is in use by another run ({run}): wait for it to end, or give this run "
-                     f"another {flag}", status=FOLDER_IN_USE)
-    stop_unless_every_node_shares(args.save_dir, held[1])
-
-
-def stop_unless_every_node_shares(save_dir, lock):
-    """Each other node's first rank reads the run lock rank 0 wrote in --save-dir. A node that does not find it has
-    a folder of its own (a local disk): its ranks would save their part of each checkpoint apart, and --resume
-    load on some nodes and start afresh on others (a hang). Every rank stops with one line, before any work."""
-    elsewhere = launch.local_rank() == 0 and dist.get_rank() != 0
-    apart = [None] * dist.get_world_size()
-    dist.all_gather_object(apart, socket.gethostname() if elsewhere and lock and read_lock(save_dir) != lock else None)
-    if host := next((host for host in apart if host), None):
-        machine.stop(f"cifar10_deepspeed.py: error: --save-dir {save_dir} is not one folder every node shares: on host "
-                     f"{host} it does not hold what rank 0 wrote there; give a folder on a file system every node "
-                     f"mounts (docs/nodes.md)", status=2)
-
-
-def written_in_lock(folder):
-    """What this process wrote in the run lock it holds on `folder`, or None: read through the descriptor it holds."""
-    fd = _held_locks.get(os.path.realpath(folder)) if folder else None
-    return None if fd is None else os.pread(fd, 4096, 0).decode()
-
-
-def read_lock(folder):
-    """What the run lock file in `folder` holds, or None (in a process holding no lock on it)."""
-    try:
-        with open(os.path.join(folder, RUN_LOCK)) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def first_held(folders):
-    """Lock each (flag, folder) given, a folder named twice once; (flag, folder, the run holding it) for the first
-    that another run holds, or None."""
-    claimed = set()
-    for flag, folder in folders:
-        if folder and os.path.realpath(folder) not in claimed:
-            claimed.add(os.path.realpath(folder))
-            holder = lock_folder(folder, flag)
-            if holder:
-                return holder
-    return None
-
-
-def lock_folder(folder, flag):
-    """Hold `folder`'s run lock for the rest of this process, or return (flag, folder, the run that holds it)."""
-    fd = os.open(os.path.join(folder, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        locked = machine.lock_at_once(fd)
-    except OSError as e:
-        print(f"warning: {flag} {folder} has no file locks ({e.strerror}): nothing stops another run "
-              f"from writing into it at the same time", flush=True)
-        os.close(fd)
-        return None
-    if not locked:
-        holder = (flag, folder, run_holding(fd))
-        os.close(fd)
-        return holder
-    started = datetime.datetime.now().astimezone().isoformat(" ", "seconds")
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                             "slurm_job": os.environ.get("SLURM_JOB_ID")}).encode())
-    os.fsync(fd)  # on NFS, other nodes see what a file holds once it is flushed (or closed: this one stays open)
-    _held_locks[os.path.realpath(folder)] = fd
-    return None
-
-
-def run_holding(fd):
-    """The run that holds a save dir's lock, in a few words, from what it wrote in the lock file."""
-    try:
-        run = json.loads(os.pread(fd, 4096, 0))
-        slurm = f", SLURM job {run['slurm_job']}" if run.get("slurm_job") else ""
-        return f"host {run['host']}, process {run['pid']}{slurm}, started {run['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a run that is starting"

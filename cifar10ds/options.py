@@ -3,16 +3,14 @@ refused before any work (docs/config.md, docs/offload.md)."""
 
 import argparse
 import copy
-import glob
 import json
 import logging
 import os
-import tempfile
 
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import logger
 
-from cifar10ds import data, launch, machine, metrics
+from cifar10ds import folders, launch, machine
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -310,52 +308,10 @@ def refuse(reason):
 
 def refuse_bad_input(args, config):
     """Refuse flags, a config or a folder that cannot run, in one line on every rank."""
-    reason = check_args(args, config, launch.world_size()) or check_directories(args) or check_earlier_run(args)
+    reason = (check_args(args, config, launch.world_size()) or folders.check_directories(args)
+              or folders.check_earlier_run(args))
     if reason:
         refuse(reason)
-
-
-def check_directories(args):
-    """Why --save-dir cannot hold checkpoints, --metrics-dir or --tensorboard-dir the monitors' files, or --data-dir
-    CIFAR-10, or None. Each must be a directory this rank can write to (it is made if missing), unless the data is
-    there already: a read-only copy of CIFAR-10 is fine."""
-    wanted = [(flag, folder, cannot) for flag, folder, cannot in (
-        ("--save-dir", args.save_dir, "cannot hold checkpoints"),
-        ("--metrics-dir", args.metrics_dir, "cannot hold the metrics"),
-        ("--tensorboard-dir", args.tensorboard_dir, "cannot hold TensorBoard's files")) if folder]
-    if args.dataset == "cifar10" and not os.path.isdir(data.unpacked(args)):
-        wanted.append(("--data-dir", args.data_dir, "cannot hold the CIFAR-10 download"))
-    for flag, folder, cannot in wanted:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            return f"{flag} {folder} {cannot}: it is a file, not a directory"
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
-        except OSError as e:
-            return f"{flag} {folder} {cannot}: {e.strerror}"
-    return None
-
-
-def check_earlier_run(args):
-    """Why a new run (no --resume) would write over an earlier run's files, or None: its checkpoints in --save-dir
-    (the new run's epoch1, epoch2, ... replace them, and 'latest' names its own), its series in --metrics-dir or
-    --tensorboard-dir (a plot or TensorBoard would draw the two runs as one). --resume continues that run and its
-    series; --resume auto finds no checkpoint where a run stopped before its first save, and appends to its series."""
-    if args.resume:
-        return None
-    latest = os.path.join(args.save_dir, "latest") if args.save_dir else None
-    if latest and os.path.isfile(latest):
-        with open(latest, errors="replace") as f:
-            tag = f.read(200).strip() or "none"
-        return (f"--save-dir {args.save_dir} holds an earlier run's checkpoints (its 'latest' names {tag}), which "
-                f"this run would write over: continue that run with --resume, or give this run another --save-dir")
-    for flag, folder in (("--metrics-dir", args.metrics_dir), ("--tensorboard-dir", args.tensorboard_dir)):
-        series = os.path.join(folder, metrics.MONITOR_JOB) if folder else None
-        if series and glob.glob(os.path.join(glob.escape(series), "*")):  # unreadable: as empty, never an error
-            return (f"{flag} {folder} holds an earlier run's series ({series}), which this run's would join as "
-                    f"one run: give this run another {flag}, or continue that run with --resume")
-    return None
 
 
 def refuse_what_deepspeed_refuses(config):

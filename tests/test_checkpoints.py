@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import cifar10_deepspeed
-from cifar10ds import checkpoints, metrics, model_files, options, preemption
+from cifar10ds import checkpoints, folders, metrics, model_files, options, preemption
 from cifar10ds.launch import free_port
 from conftest import (LAUNCH_TIMEOUT, ROOT, children, is_running, kill_session, launch_env, live_processes, metric, paused,
                       rank_pid, run_command, signal_when)
@@ -640,7 +640,7 @@ def test_a_disk_full_at_a_signals_save_loses_nothing_and_export_onto_it_is_one_l
     stopped = re.search(rf"^error: could not save checkpoint {re.escape(str(ckpt))}/epoch2-step(\d+) ", run.output, re.M)
     assert stopped and int(stopped[1]) % preemption.CHECK_EVERY == 0 and int(stopped[1]) < steps, run.output[-3000:]
     could_not_save(run, ckpt / f"epoch2-step{stopped[1]}", ckpt / "epoch1")
-    assert sorted(os.listdir(ckpt)) == [checkpoints.RUN_LOCK, "epoch1", "latest"]
+    assert sorted(os.listdir(ckpt)) == [folders.RUN_LOCK, "epoch1", "latest"]
     assert (ckpt / "latest").read_text() == "epoch1"
 
     export = run_command(["python", ROOT / "export_model.py", ckpt, "-o", small_disk.path / "model.pt"], tmp_path)
@@ -702,43 +702,6 @@ def test_latest_on_a_full_disk_stays_as_it_was(small_disk):
     with pytest.raises(OSError):
         checkpoints.replace_file(latest, "epoch2" * 2000)
     assert latest.read_text() == "epoch1" and sorted(os.listdir(small_disk.path)) == ["filler", "latest"]
-
-
-# One run per folder it writes
-@pytest.mark.slow
-def test_a_second_run_on_a_live_runs_folders_stops_in_one_line_and_the_first_finishes(script, tmp_path):
-    """A one-rank run trains into ckpt and met; a 2-rank run given the same --save-dir (a job submitted twice), then
-    a run given another --save-dir but the same --metrics-dir (a job array; --resume auto, as run_slurm.sbatch
-    gives, appends to series it finds), each stop on every rank before any
-    work, naming the first, which finishes untouched: its checkpoints, and its series alone in met. The first
-    prints a line every step and nobody reads them while the others run: once its output pipe is full it waits,
-    so it is still live."""
-    ckpt, met = tmp_path / "ckpt", tmp_path / "met"
-    flags = [script, "--deepspeed", *SMALL, "-e", "2", "--synthetic-train-size", "8000", "--log-interval", "1",
-             "--metrics-dir", met]
-    refused, first_pid = [], []
-
-    def start_others(launcher, _):
-        first_pid.append(launcher.pid)
-        refused.append(run_command(["deepspeed", "--num_gpus", "2", *flags, "--save-dir", ckpt, "--resume", "auto"],
-                                   tmp_path))
-        refused.append(run_command(["python", *flags, "--save-dir", tmp_path / "other", "--resume", "auto"], tmp_path))
-    first, _ = signal_when(["python", *flags, "--save-dir", ckpt], tmp_path,
-                           lambda line: line.startswith("[ 1,     1] loss:"), start_others)
-    assert first.returncode == 0 and "Finished Training" in first.output, first.output[-3000:]
-    assert (ckpt / "latest").read_text() == "epoch2" and "Resuming" not in first.output
-    assert len(metric(met, "Train_Samples_train_loss")) == 2 * 8000 // 16  # one run's steps, each once
-    assert (met / "cifar10" / "Train_Samples_train_loss.csv").read_text().count("step,") == 1
-    holder = json.loads((ckpt / checkpoints.RUN_LOCK).read_text())
-    assert holder == json.loads((met / checkpoints.RUN_LOCK).read_text()) and holder["pid"] == first_pid[0]
-    for run, (flag, folder) in zip(refused, (("--save-dir", ckpt), ("--metrics-dir", met))):
-        assert run.returncode == checkpoints.FOLDER_IN_USE, run.output[-3000:]
-        errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
-        assert errors == [f"error: {flag} {folder} is in use by another run (host {holder['host']}, process "
-                          f"{holder['pid']}, started {holder['started']}): wait for it to end, or give this run "
-                          f"another {flag}"], run.output[-3000:]
-        assert "[ 1, " not in run.output and "Traceback" not in run.output
-    assert os.listdir(tmp_path / "other") == [checkpoints.RUN_LOCK]
 
 
 # run_slurm.sbatch on a real SLURM cluster of this machine: slurmctld, slurmd and munge on 127.0.0.1, one node of

@@ -13,9 +13,8 @@ import pytest
 from deepspeed.moe.layer import MoE
 
 from cifar10_deepspeed import get_ds_config, main
-from cifar10ds.options import (batch_sizes, check_args, check_directories, check_earlier_run, config_dtype, load_ds_config,
-                               read_offload)
-from conftest import ROOT, finish, metric, run_command, start
+from cifar10ds.options import batch_sizes, check_args, config_dtype, load_ds_config, read_offload
+from conftest import ROOT, finish, start
 SYNTHETIC = ["--dataset", "synthetic", "--seed", "0", "--synthetic-test-size", "400"]
 
 
@@ -219,7 +218,6 @@ def test_fp16_master_weights_need_fp16_and_offload_to_cpu_adam(parse, flags, tor
     assert check_args(args, config, world_size=1) == expected
 
 
-SYNTHETIC = ["--dataset", "synthetic", "--seed", "0", "--synthetic-test-size", "400"]
 OFFLOAD_LINE = re.compile(r"^ZeRO-Offload: .*$", re.M)
 
 
@@ -402,63 +400,3 @@ def test_a_config_deepspeed_refuses_stops_every_rank_with_one_line_before_any_wo
     assert errors == ["cifar10_deepspeed.py: error: DeepSpeed refuses the config: Train batch size: -16 has to be "
                       "greater than 0"], run.output[-3000:]
     assert "Traceback" not in run.output and "loss:" not in run.output
-
-
-def test_a_folder_that_cannot_hold_files_is_one_line_before_any_work(parse, tmp_path, capsys, monkeypatch):
-    """Checked at the start, not when the first epoch ends (or, for the monitors, when DeepSpeed makes them, with a
-    traceback): a path that is a file, or lies under one."""
-    (tmp_path / "file").write_text("")
-    file = tmp_path / "file"
-    cases = [(["--save-dir", str(file)], f"--save-dir {file} cannot hold checkpoints: it is a file, not a directory"),
-             (["--save-dir", str(file / "ckpt")], f"--save-dir {file / 'ckpt'} cannot hold checkpoints: Not a directory"),
-             (["--metrics-dir", str(file)], f"--metrics-dir {file} cannot hold the metrics: it is a file, not a "
-                                            f"directory"),
-             (["--tensorboard-dir", str(file / "tb")], f"--tensorboard-dir {file / 'tb'} cannot hold TensorBoard's "
-                                                       f"files: Not a directory"),
-             (["--data-dir", str(file)], f"--data-dir {file} cannot hold the CIFAR-10 download: it is a file, not a "
-                                         f"directory")]
-    for flags, expected in cases:
-        args = parse(*flags)
-        assert check_directories(args) == expected
-    assert check_directories(parse("--dataset", "synthetic", "--data-dir", str(file))) is None  # no download
-    assert check_directories(parse("--save-dir", str(tmp_path / "new" / "ckpt"))) is None
-    assert (tmp_path / "new" / "ckpt").is_dir()
-    monkeypatch.setenv("RANK", "1")  # any rank, before any distributed work
-    with pytest.raises(SystemExit) as exit_info:
-        main(parse("--metrics-dir", str(file)))
-    assert exit_info.value.code == 2 and capsys.readouterr().err == f"cifar10_deepspeed.py: error: {cases[2][1]}\n"
-
-
-def test_a_new_run_on_an_earlier_runs_files_stops_every_rank_and_leaves_them_as_they_were(parse, script, tmp_path,
-                                                                                        monkeypatch):
-    """A command run twice, --resume forgotten: the second run would write its epoch1 over the first's and its series
-    into the first's folders, where a plot or TensorBoard draws both as one run. Each of 2 ranks stops by itself
-    (no launcher, no reachable peer) in one line, and every file of the first run is as it was; --resume continues
-    that run into the same folders."""
-    folders = ["--save-dir", "ckpt", "--metrics-dir", "met", "--tensorboard-dir", "tb"]
-    flags = [script, "--deepspeed", *SYNTHETIC, "--dtype", "fp32", "--synthetic-train-size", "160", "-e", "1", *folders]
-    first = run_command(["python", *flags], tmp_path)
-    assert first.returncode == 0, first.output[-3000:]
-    files = lambda: {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    before = files()
-    assert any(path.parent.name == "cifar10" and path.parent.parent.name == "tb" for path in before)
-    for status, out, err in each_of_two_ranks_alone(flags, tmp_path):
-        assert status == 2 and "loss:" not in out, err[-3000:]
-        assert err.splitlines()[-1] == (
-            "cifar10_deepspeed.py: error: --save-dir ckpt holds an earlier run's checkpoints (its 'latest' names "
-            "epoch1), which this run would write over: continue that run with --resume, or give this run another "
-            "--save-dir")
-    assert files() == before
-    monkeypatch.chdir(tmp_path)
-    for flag, folder in (("--metrics-dir", "met"), ("--tensorboard-dir", "tb")):
-        assert check_earlier_run(parse(flag, folder)) == (
-            f"{flag} {folder} holds an earlier run's series ({folder}/cifar10), which this run's would join as one run: "
-            f"give this run another {flag}, or continue that run with --resume")
-    (tmp_path / "new" / "cifar10").mkdir(parents=True)  # made by a run that died before it wrote a step
-    (tmp_path / "partial" / "epoch1").mkdir(parents=True)  # no 'latest': its first save never finished
-    assert check_earlier_run(parse("--metrics-dir", "new", "--save-dir", "partial")) is None
-    assert check_earlier_run(parse(*folders, "--resume", "auto")) is None
-    resumed = run_command(["python", *flags, "-e", "2", "--resume"], tmp_path)
-    assert resumed.returncode == 0 and "Resuming from ckpt/epoch1 at epoch 2" in resumed.output, resumed.output[-3000:]
-    assert (tmp_path / "ckpt" / "latest").read_text() == "epoch2"
-    assert max(metric(tmp_path / "met", "Train_Samples_lr")) == 2 * 160
