@@ -344,7 +344,7 @@ def main(args):
     timeout = machine.dist_timeout(args)
     fixes.bound_every_wait(timeout)  # no rank waits for ever on a dead peer: DeepSpeed#4115, its groups' timeout
     with machine.stop_if_a_peer_is_lost():  # a rank that died or hangs ends every other with one line
-        with machine.stop_if_the_port_is_taken():
+        with machine.stop_if_the_port_is_taken(), signals.sigterm_ends_the_wait_for_peers():
             deepspeed.init_distributed(timeout=timeout)
         get_accelerator().set_device(launch.local_rank())
         folders.claim(args)  # one run per --save-dir, --metrics-dir: another live run's is one line

@@ -1,6 +1,7 @@
 """Preemption: a scheduler's signal or a person's Ctrl-C saves where the run is and leaves, every rank together
 (docs/checkpoints.md)."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -43,6 +44,18 @@ class Preemption:
             self.interrupted = self.interrupted or time.monotonic()
         if not self.signum or self.SIGNALS.index(signum) < self.SIGNALS.index(self.signum):
             self.signum = signum
+
+    @contextlib.contextmanager
+    def sigterm_ends_the_wait_for_peers(self):
+        """SIGTERM's own action for the block, init_distributed: the process ends at once (exit 143), as nothing is
+        trained yet. A rank waits for its peers there in C++, where no Python handler runs: where rank 0 never
+        came (it failed), the launcher's SIGTERM that ends the run went unheard, and DeepSpeed's launcher and
+        torchrun waited their 30 s before SIGKILL."""
+        handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, handler)
 
     def agreed(self):
         """The signal that reached any rank (0 if none), a Ctrl-C before the others, now: every rank must ask at

@@ -239,11 +239,11 @@ def run_command(cmd, cwd, env=None, timeout=LAUNCH_TIMEOUT):
     return Run(subprocess.CompletedProcess(cmd, proc.returncode, output))
 
 
-def signal_when(cmd, cwd, seen, act):
+def signal_when(cmd, cwd, seen, act, env=None):
     """Launch `cmd` in a session of its own; once a line of its output satisfies `seen`, call act(launcher,
     output so far) and read on until every process of the session has closed its output. Returns the Run and
     the seconds from act to the last process of the session gone."""
-    launcher = start(cmd, cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    launcher = start(cmd, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watchdog = threading.Timer(LAUNCH_TIMEOUT, kill_session, [launcher.pid])
     watchdog.start()
     output, acted = [], None

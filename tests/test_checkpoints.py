@@ -935,3 +935,28 @@ def test_an_arrays_jobs_on_one_node_train_side_by_side(slurm, tmp_path):
     for log in logs:
         assert log.splitlines().count("Finished Training") == 1 and "error:" not in log, log[-3000:]
     assert len(list(tmp_path.glob("ckpt-*/latest"))) == 2
+
+
+@pytest.mark.slow
+def test_a_given_master_port_that_is_taken_stops_the_job_before_its_ranks_start(slurm, tmp_path):
+    """MASTER_PORT given, and held by another run on rank 0's node: the batch script stops in one line, before
+    srun starts a rank (rank 0 would stop on it, and the others, which srun leaves running, would wait on that run
+    for --dist-timeout)."""
+    log = tmp_path / "job.log"
+    env = {**slurm.env, "SAVE_DIR": str(tmp_path / "ckpt"),
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "--time=5", f"--output={log}", "run_slurm.sbatch",
+                                    *SMALL], cwd=ROOT, env={**env, "MASTER_PORT": str(port)}, capture_output=True,
+                                   text=True)
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip()
+        state = wait_for("the job to end", lambda: job_state(slurm, job).get("JobState") in ("COMPLETED", "FAILED")
+                         and job_state(slurm, job), timeout=120)
+    text = log.read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "1:0", text[-3000:]
+    assert re.fullmatch(rf"error: port {port} of {re.escape(socket.gethostname())} is taken: in use by another run\? "
+                        r"Give this run a free one \(MASTER_PORT=\d+\), or leave MASTER_PORT unset for one\n", text), text

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from cifar10ds import launch as launch_module
-from conftest import FAKE_MACHINE, LAUNCH_TIMEOUT, MARGIN, ROOT, Run, finish, start
+from conftest import FAKE_MACHINE, LAUNCH_TIMEOUT, MARGIN, ROOT, Run, finish, signal_when, start
 from test_matrix import assert_every_parameter_with_a_gradient_moves, assert_ranks_agree_and_hold_their_experts
 SYNTHETIC = ["--dataset", "synthetic", "--log-interval", "100", "--seed", "0"]
 # One epoch of 200 steps shows that a launch path trains (the log warm-up leaves the loss at 2.30 for the first 100);
@@ -102,6 +102,28 @@ def test_a_free_port_lies_below_the_ephemeral_range_where_no_connection_can_take
         held.bind(("127.0.0.1", only))
         held.listen()
         assert launch_module.free_port() >= start  # the one port below is taken: the kernel's pick
+
+
+def test_a_given_port_is_checked_as_rank_0_would_bind_it(root):
+    """run_slurm.sbatch asks `launch.py free-port PORT` on rank 0's node: a port another run listens on is one line
+    and exit 1; one whose last run has ended (its connections in TIME_WAIT, which a plain bind() is refused) is free:
+    torch's store binds it with SO_REUSEADDR, as it listened with it."""
+    def check(port):
+        return subprocess.run([sys.executable, root / "cifar10ds" / "launch.py", "free-port", str(port)],
+                              capture_output=True, text=True)
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        taken = check(port)
+        assert taken.returncode == 1 and taken.stdout == "" and re.fullmatch(
+            rf"error: port {port} of {re.escape(socket.gethostname())} is taken: in use by another run\? Give this run "
+            r"a free one \(MASTER_PORT=\d+\), or leave MASTER_PORT unset for one\n", taken.stderr), taken.stderr
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            server, _ = held.accept()
+            server.close()  # the server's side closes first: its port waits out TIME_WAIT
+    assert check(port).stdout == f"{port}\n"
 
 
 def test_several_nodes_keep_the_launchers_port(root, tmp_path):
@@ -255,13 +277,15 @@ TAKEN = re.compile(r"error: port (\d+) of 127\.0\.0\.1 is taken: in use by anoth
 
 
 @pytest.mark.parametrize("how", ["run_ds.sh", "python"])
-def test_a_taken_port_stops_the_run_with_one_line(launch, root, script, how):
-    """Under DeepSpeed's launcher (2 ranks) and plain python. torchrun binds the port itself, before the script
-    starts: test_torchrun_standalone_is_not_stopped_by_a_taken_port."""
+def test_a_taken_port_stops_the_run_with_one_line(root, script, tmp_path, how):
+    """Under DeepSpeed's launcher (2 ranks) and plain python. Rank 1, which waits for its peers on the run that holds
+    the port, ends as soon as the launcher ends the run (its SIGTERM, not its SIGKILL 30 s later). torchrun binds
+    the port itself, before the script starts: test_torchrun_standalone_is_not_stopped_by_a_taken_port."""
     with taken_port() as port:
         cmd = [root / "run_ds.sh"] if how == "run_ds.sh" else ["python", script, "--deepspeed"]
-        run = launch(*cmd, *TINY, env={"MASTER_PORT": port, "NUM_GPUS": "2", "BIND_CORES": "0"}, timeout=120)
-    assert run.returncode == 1
+        run, gone = signal_when([*cmd, *TINY], tmp_path, lambda line: line.startswith("error: port"),
+                                lambda *_: None, env={"MASTER_PORT": port, "NUM_GPUS": "2", "BIND_CORES": "0"})
+    assert run.returncode == 1 and gone < 15, (gone, run.output[-3000:])
     errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and TAKEN.fullmatch(errors[0]) and TAKEN.fullmatch(errors[0]).group(1) == port
     assert "Traceback" not in run.output and "loss:" not in run.output
