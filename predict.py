@@ -53,6 +53,8 @@ def read_image(path):
     """An image file as the 32x32 RGB uint8 array the Net was trained on: any size, resized (antialiased)."""
     try:
         with Image.open(path) as image:
+            if image.mode == "P":  # a palette, often with transparent entries, of which PIL warns straight to RGB
+                image = image.convert("RGBA")
             image = image.convert("RGB").resize((32, 32), Image.BICUBIC)
     except (OSError, UnidentifiedImageError) as e:
         machine.stop(f"predict.py: error: cannot read {path} as an image: {e}")

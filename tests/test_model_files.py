@@ -6,8 +6,10 @@ import os
 import re
 import signal
 import sys
+import warnings
 from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -122,6 +124,17 @@ def test_predict_prints_each_images_class_and_probability(single_rank_group, par
         best = p.topk(2)
         assert line == (f"{path}: {CLASSES[best.indices[0]]} {100 * best.values[0]:.1f} %, "
                         f"{CLASSES[best.indices[1]]} {100 * best.values[1]:.1f} %")
+
+
+def test_a_palette_png_with_transparent_entries_is_read_as_its_colours_without_a_warning(tmp_path):
+    """Many PNGs are a palette with transparent entries (a tRNS chunk), which PIL warns about when converted
+    straight to RGB: predict.py reads the palette's colours (the Net saw no alpha), and says nothing."""
+    image = Image.fromarray(data.SyntheticCIFAR10(1, train=False).data[0]).quantize(16)
+    image.save(tmp_path / "palette.png", transparency=bytes([0, 128]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = predict.read_image(tmp_path / "palette.png")
+    assert torch.equal(pixels, torch.from_numpy(numpy.array(image.convert("RGB"))))
 
 
 def test_predicts_stdout_holds_its_answers_alone_and_a_reader_may_stop_early(single_rank_group, parse, tmp_path):
