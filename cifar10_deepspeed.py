@@ -283,7 +283,7 @@ def resume(model_engine, args):
         else:  # through DeepSpeed's universal checkpoint, experts by global id
             load_path, client_state = universal.load_in_this_layout(model_engine, args, path, saved, Net)
     fixes.replay_host_adam_steps(model_engine)  # CPU Adam after a restart: the bias correction the saving run had
-    return checkpoints.position(load_path, client_state, path, saved, model_engine, move)
+    return checkpoints.position(load_path, client_state, path, saved, model_engine, move, args.epochs)
 
 
 def can_shard_eval(args, model_engine):

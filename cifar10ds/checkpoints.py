@@ -267,11 +267,12 @@ def stop_if_it_cannot_load(path):
                      f"load_checkpoint: {reason}", every_rank=True)
 
 
-def position(load_path, client_state, path, saved, model_engine, move=None):
+def position(load_path, client_state, path, saved, model_engine, move=None, epochs=None):
     """The Position a loaded checkpoint continues from, once every rank has loaded its part; its random numbers
     restored where the saving run had this rank, and rank 0's line saying where the run goes on and, after a
-    `move` to another layout, from which layout to which. Mid-epoch, in a global batch other than the saved run's,
-    it goes on from the same sample (check_position)."""
+    `move` to another layout, from which layout to which, or that it is past --epochs (`epochs`), which counts the
+    saved epochs too. Mid-epoch, in a global batch other than the saved run's, it goes on from the same sample
+    (check_position)."""
     if load_path is None:
         machine.stop(f"error: --resume: cannot load checkpoint {path}: DeepSpeed found no model states there")
     try:
@@ -288,8 +289,10 @@ def position(load_path, client_state, path, saved, model_engine, move=None):
     if dist.get_rank() == 0:
         rebatched = f" ({samples} samples into it, in batches of {batch}, {saved_batch} before)" \
             if samples and batch != saved_batch else ""
+        past = f" (--epochs {epochs} counts every epoch, these too: none is left to train, only the test runs)" \
+            if epochs is not None and start.epoch >= epochs else ""
         print(f"Resuming from {path} at epoch {start.epoch + 1}" + (f", step {start.step + 1}" if start.step else "")
-              + rebatched + (f": {move}" if move else ""))
+              + rebatched + (f": {move}" if move else "") + past)
     return start
 
 

@@ -531,12 +531,16 @@ def test_a_latest_that_names_no_checkpoint_says_which_there_are(single_rank_grou
             f"(epoch1, epoch2-step8) to resume from there\n")
 
 
-def test_keep_last_2_over_5_epochs_leaves_2_checkpoints_and_best(single_rank_group, parse, tmp_path, monkeypatch):
+def test_keep_last_2_over_5_epochs_leaves_2_checkpoints_and_best(single_rank_group, parse, tmp_path, monkeypatch,
+                                                                 capsys):
     """Each save prunes all but the newest 2, never what 'latest' or 'best' names; best follows the highest
-    accuracy of the epochs evaluated, here that of epoch 2."""
-    args = parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "32", "--synthetic-test-size", "8",
-                 "--dtype", "fp32", "-e", "5", "--eval-every", "1", "--save-dir", str(tmp_path), "--keep-last", "2",
-                 "--log-interval", "100")
+    accuracy of the epochs evaluated, here that of epoch 2. Resumed with --epochs 3 (one more epoch meant, say),
+    the run says that --epochs counts the 5 saved epochs too, and trains none."""
+    def flags(epochs, *extra):
+        return parse("--deepspeed", "--dataset", "synthetic", "--synthetic-train-size", "32", "--synthetic-test-size",
+                     "8", "--dtype", "fp32", "-e", epochs, "--eval-every", "1", "--save-dir", str(tmp_path),
+                     "--keep-last", "2", "--log-interval", "100", *extra)
+    args = flags("5")
     engine, trainloader, testset = engine_of(args)
     accuracies = iter([([3], [8]), ([7], [8]), ([5], [8]), ([6], [8])])  # of epochs 1-4; epoch 5's is the final test
     monkeypatch.setattr(cifar10_deepspeed, "count_correct", lambda *_, **__: next(accuracies))
@@ -544,6 +548,13 @@ def test_keep_last_2_over_5_epochs_leaves_2_checkpoints_and_best(single_rank_gro
     assert sorted(os.listdir(tmp_path)) == ["best", "epoch2", "epoch4", "epoch5", "latest"]
     assert os.readlink(tmp_path / "best") == "epoch2" and (tmp_path / "latest").read_text() == "epoch5"
     assert (tmp_path / "best" / "eval.json").read_text() == '{"accuracy": 87.5}'
+    args = flags("3", "--resume")
+    engine, trainloader, testset = engine_of(args)
+    capsys.readouterr()
+    cifar10_deepspeed.train(engine, trainloader, testset, args, cifar10_deepspeed.resume(engine, args))
+    assert (f"Resuming from {tmp_path / 'epoch5'} at epoch 6 (--epochs 3 counts every epoch, these too: none is left "
+            f"to train, only the test runs)\n") in capsys.readouterr().out
+    assert engine.global_steps == 5 * 2 and (tmp_path / "latest").read_text() == "epoch5"
 
 
 def test_a_mid_epoch_checkpoint_resumed_in_another_batch_trains_the_rest_of_its_epoch(
