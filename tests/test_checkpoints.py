@@ -752,17 +752,18 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 # What a CPU node needs of run_slurm.sbatch (docs/nodes.md): no GPUs, and one task per rank on this node.
 CPU_NODE = ["--gpus-per-node=0", "--ntasks-per-node=2"]
-# 2 ranks, fp32, seeded: 2 epochs of 1,500 steps, about 30 s of training here, alone; SIGUSR1 comes 15 s after
-# the job starts (pinned_begin), once the ranks note signals (3-8 s) and before a machine 2x this one's speed is done.
+# 2 ranks, fp32, seeded: 2 epochs of 1,500 steps, 32 s in all on an idle Intel Xeon of 2 cores, 4 of them start-up.
 # slurmctld checks time limits every 30 s, on its own clock, and sends --signal=USR1@90 at the first check where
 # less than 90 + 30 s is left: on a 2-minute limit, at the first check after the job starts, anywhere in its first
-# 30 s, so a job started at random may be signalled before its ranks note signals, or after they are done.
+# 30 s, so a job started at random may be signalled before its ranks note signals, or after they are done. The job
+# is started so that it comes halfway through the time the same run took straight through just before (at most
+# 28 s): its ranks, which start as slowly as the machine is busy (14 s or more beside the other test worker's
+# launches), note signals by then, and train on past it.
 SLURM_JOB_FLAGS = ["--dataset", "synthetic", "--synthetic-train-size", "24000", "--synthetic-test-size", "200", "--seed", "0",
          "--dtype", "fp32", "-e", "2", "--log-interval", "100"]
 
 
 TICK = 30  # seconds between slurmctld's checks of time limits (PERIODIC_TIMEOUT in its source)
-SIGNAL_AFTER = 15  # seconds from the job's start to SLURM's SIGUSR1
 
 
 def wait_for(what, condition, timeout=300, every=0.2, shown=lambda: ""):
@@ -844,10 +845,10 @@ def time_limit_check(probe_log):
     return float(wait_for("the probe job's SIGUSR1", found, timeout=2 * TICK + 30)[1])
 
 
-def pinned_begin(check):
-    """sbatch --begin for a job that SLURM signals SIGNAL_AFTER seconds after it starts: that many seconds before
+def pinned_begin(check, signal_after):
+    """sbatch --begin for a job that SLURM signals `signal_after` seconds after it starts: that many seconds before
     a time-limit check, the first such time at least 2 s from now."""
-    begin = check + TICK - SIGNAL_AFTER
+    begin = check + TICK - signal_after
     while begin < time.time() + 2:
         begin += TICK
     return "--begin=" + time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(round(begin)))
@@ -868,18 +869,21 @@ def final_parameters(save_dir):
 
 @pytest.fixture(scope="module")
 def requeued(slurm, tmp_path_factory):
-    """The job as a user submits it, on a time limit of 2 minutes, started SIGNAL_AFTER seconds before slurmctld
-    checks time limits: SLURM's SIGUSR1 comes mid-epoch and the job requeues itself; the requeued job is given 10
+    """The same run launched straight through; then the job as a user submits it, on a time limit of 2 minutes,
+    started so that slurmctld's check of time limits comes halfway through the time the straight run took
+    (SLURM_JOB_FLAGS): SLURM's SIGUSR1 comes mid-epoch and the job requeues itself; the requeued job is given 10
     minutes (SLURM keeps a job's time limit over requeues: it would be signalled again), and `scontrol requeue`
-    stops it mid-epoch; the third job trains to the end. Beside it, the same run launched straight through."""
+    stops it mid-epoch; the third job trains to the end."""
     tmp = tmp_path_factory.mktemp("requeued")
     probe = probe_time_limit_checks(slurm, tmp)
+    begun = time.monotonic()
     straight = run_command(["deepspeed", "--num_gpus", "2", ROOT / "cifar10_deepspeed.py", "--deepspeed", *SLURM_JOB_FLAGS,
                             "--save-dir", tmp / "straight"], tmp)
+    signal_after = min(TICK - 2, (time.monotonic() - begun) / 2)
     log = tmp / "job.log"
     env = {**slurm.env, "SAVE_DIR": str(tmp / "ckpt"),
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "--time=2", pinned_begin(time_limit_check(probe)),
+    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "--time=2", pinned_begin(time_limit_check(probe), signal_after),
                                 f"--output={log}", "run_slurm.sbatch", *SLURM_JOB_FLAGS], cwd=ROOT, env=env,
                                capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
