@@ -41,9 +41,11 @@ REACHED = []  # (test, accuracy, least accuracy asked) of every launch that Run.
 
 
 # The test files whose launches take longest, longest first (a fresh clone's run on 2 cores: test_checkpoints.py
-# about 11 minutes, test_matrix.py 9, test_launch.py 5, ...); the rest follow in their own order.
+# about 11 minutes, test_matrix.py 9, test_launch.py 5, ...); the rest, each under half a minute, follow in their
+# own order, so that neither worker is left alone with a long file at the end.
 LONGEST_FIRST = ["test_checkpoints.py", "test_matrix.py", "test_launch.py", "test_layouts.py", "test_machine.py",
-                 "test_checkpoint_moves.py", "test_metrics.py", "test_model_files.py", "test_data.py", "test_options.py"]
+                 "test_checkpoint_moves.py", "test_metrics.py", "test_model_files.py", "test_data.py", "test_folders.py",
+                 "test_options.py", "test_cifar10_deepspeed.py", "test_gpu_check.py"]
 
 
 def pytest_collection_modifyitems(items):
